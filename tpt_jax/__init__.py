@@ -1,0 +1,1 @@
+"""tpt_jax: Thinking Augmented Pre-training on JAX."""

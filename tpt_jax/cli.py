@@ -1,0 +1,165 @@
+"""`tpt`: one sub-command per pipeline stage, each taking a config file and key=value overrides.
+
+A mistake the user can fix (config, input file, missing capability) prints one line,
+`tpt: error: ...`, and exits non-zero without a traceback. Heavy imports (jax, flax) happen
+inside the sub-commands so that config errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from tpt_jax.errors import NotBuiltError, TptError
+
+# Sub-commands whose capability a later milestone delivers: name -> what is missing.
+_NOT_BUILT = {
+    "think": "thinking generation (JetStream engine, offline driver and backends)",
+    "prepare": "data preparation (SeqIO tasks, packing, ArrayRecord shards)",
+    "eval": "evaluation (held-out perplexity and few-shot chain-of-thought)",
+    "sample": "sampling from a checkpoint (needs the JetStream-compatible engine)",
+    "serve": "serving over JetStream gRPC",
+    "train": "the training loop (sharded AdamW, Orbax checkpoints)",
+    "bench": "the training-step benchmark",
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (may use `base:` inheritance)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides")
+
+
+def _load(args: argparse.Namespace, num_devices: int | None = None):
+    from tpt_jax.config import load_config, validate_for_devices
+
+    cfg = load_config(args.config, args.overrides)
+    if num_devices is None:
+        import jax
+
+        num_devices = jax.device_count()
+    validate_for_devices(cfg, num_devices)
+    return cfg
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    from tpt_jax.config import dump_yaml, mesh_shape
+
+    cfg = _load(args, args.devices)
+    print(dump_yaml(cfg), end="")
+    devices = args.devices
+    if devices is None:
+        import jax
+
+        devices = jax.device_count()
+    mesh = {k: v for k, v in mesh_shape(cfg, devices).items() if v != 1} or {"data": 1}
+    print(f"# valid for {devices} devices; mesh " + " x ".join(f"{k}={v}" for k, v in mesh.items()))
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from tpt_jax.model import convert
+
+    if args.direction == "from-hf":
+        summary = convert.hf_to_tpt(args.src, args.dst, param_dtype=args.param_dtype)
+        print(f"converted {summary['family']} ({summary['parameters']:,} parameters) -> {args.dst}")
+    else:
+        max_bytes = _parse_size(args.max_shard_size)
+        summary = convert.tpt_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=max_bytes)
+        print(f"exported {summary['family']} in {summary['shards']} shard(s) -> {args.dst}")
+    if summary["copied"]:
+        print("copied " + ", ".join(summary["copied"]))
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+    upper = text.strip().upper()
+    for suffix, scale in units.items():
+        if upper.endswith(suffix):
+            try:
+                return int(float(upper[: -len(suffix)]) * scale)
+            except ValueError:
+                break
+    if upper.isdigit():
+        return int(upper)
+    raise TptError(f"--max-shard-size {text!r} is not a size such as 5GB, 500MB or 1048576")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from tpt_jax.demo import run_demo
+
+    run_demo(args.config, args.overrides, args.out)
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        if getattr(args, "config", None):
+            _load(args)  # a bad config is still reported as such
+        raise NotBuiltError(f"`tpt {name}`: {_NOT_BUILT[name]} is not built yet")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, help_text in (
+        ("think", "generate thinking trajectories for a corpus"),
+        ("prepare", "tokenize, pack and shard the SeqIO tasks of a mixture"),
+        ("train", "train or mid-train a decoder"),
+        ("eval", "held-out perplexity and few-shot chain-of-thought evals"),
+        ("sample", "generate from a checkpoint"),
+        ("serve", "serve the engine over JetStream gRPC"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        _add_config_args(p)
+        p.set_defaults(func=_not_built(name))
+
+    p = sub.add_parser(
+        "bench", help="measure training-step speed against this machine's matmul rate"
+    )
+    p.set_defaults(func=_not_built("bench"))
+
+    p = sub.add_parser("config", help="validate a config and print it resolved")
+    _add_config_args(p)
+    p.add_argument("--devices", type=int, default=None, help="check the mesh for this many devices")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("convert", help="HF checkpoint folder <-> tpt_jax model folder")
+    p.add_argument("direction", choices=["from-hf", "to-hf"])
+    p.add_argument(
+        "src", help="from-hf: HF folder (config.json + safetensors); to-hf: tpt_jax folder"
+    )
+    p.add_argument("dst", help="output folder")
+    p.add_argument(
+        "--param-dtype", default="float32", choices=["float32", "bfloat16"], help="from-hf"
+    )
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="to-hf"
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="to-hf: largest safetensors file")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("demo", help="the end-to-end job on the embedded default config")
+    p.add_argument("config", nargs="?", default=None, help="default: the packaged demo config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--out", default="demo_out", help="output folder")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TptError as e:
+        print(f"tpt: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tpt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Typed run configuration: schema, YAML loading with `base:` inheritance, overrides, checks."""
+
+from tpt_jax.config._load import dump_yaml, load_config, save_resolved, to_dict
+from tpt_jax.config._schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+from tpt_jax.config._validate import mesh_shape, validate, validate_for_devices
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "LoggingConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "dump_yaml",
+    "load_config",
+    "mesh_shape",
+    "save_resolved",
+    "to_dict",
+    "validate",
+    "validate_for_devices",
+]

@@ -1,0 +1,249 @@
+"""The typed config schema: one frozen dataclass per section, every field with a default.
+
+A run is described by `Config`. YAML files and `key=value` overrides are checked against these
+classes by `tpt_jax.config.load`; a field's type annotation is the type a value must have.
+
+Example:
+    cfg = load_config("configs/demo.yaml", ["train.steps=10", "model.num_layers=2"])
+    cfg.model.hidden_size
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+ROPE_SCALING_TYPES = ("none", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "cosine", "wsd")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Decoder architecture. Llama-3, Qwen2 and Qwen3 differ only by flags.
+
+    Attributes:
+        family: "llama", "qwen2" (q/k/v bias) or "qwen3" (q/k RMSNorm); sets HF names on export.
+        vocab_size: rows of the embedding table.
+        hidden_size: model width (d_model).
+        num_layers: decoder blocks.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention); must divide num_heads.
+        head_dim: per-head width; 0 means hidden_size // num_heads.
+        mlp_dim: SwiGLU inner width (HF intermediate_size).
+        rms_norm_eps: epsilon inside every RMSNorm.
+        rope_theta: RoPE base.
+        rope_scaling: "none", "linear" (positions / factor) or "llama3" (Llama-3.1 frequency bands).
+        rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_position:
+            parameters of the scaling above (HF names without the prefix).
+        max_position: longest sequence the positional scheme is meant for (HF max_position_embeddings).
+        tie_embeddings: the output projection reuses the embedding table.
+        qkv_bias: bias on q/k/v projections (Qwen2).
+        qk_norm: RMSNorm on each query/key head before RoPE (Qwen3).
+        dtype: compute dtype of activations and matmuls.
+        param_dtype: storage dtype of parameters (optimizer master weights).
+        remat_policy: what each layer keeps for the backward pass: "none" keeps everything,
+            "full" recomputes the whole layer, "dots" keeps matmul outputs, "dots_no_batch" keeps
+            matmul outputs without a batch dimension (weights-side products).
+        init_std: standard deviation of the normal initializer of every kernel and embedding.
+        bos_token_id, eos_token_id: recorded for HF export; -1 when unknown.
+    """
+
+    family: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0
+    mlp_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    max_position: int = 2048
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    init_std: float = 0.02
+    bos_token_id: int = -1
+    eos_token_id: int = -1
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh. The product of the ICI axes times the DCN axes must equal the device count.
+
+    Attributes:
+        data: pure data parallelism (replicated parameters). -1 takes the devices left over.
+        fsdp: data parallelism with parameters and optimizer state sharded (ZeRO-3).
+        tensor: tensor (model) parallelism over heads and the MLP width.
+        dcn_data, dcn_fsdp: the same axes across slices (multi-slice over the data-center network).
+        rules: logical-axis -> mesh-axis rules as [logical_name, mesh_axis or list or null];
+            empty uses the built-in defaults of `tpt_jax.parallel`.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    rules: list = field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW with decoupled weight decay and global-norm clipping.
+
+    Attributes:
+        b1, b2, eps: Adam moments.
+        weight_decay: decoupled decay coefficient (multiplied by the learning rate).
+        weight_decay_exclude: substrings of parameter paths that get no decay (norms, biases).
+        grad_clip: maximum global gradient norm; 0 disables clipping.
+        grad_accum_steps: micro-batches summed per optimizer step.
+    """
+
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    weight_decay_exclude: list = field(default_factory=lambda: ["norm", "bias"])
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Learning-rate schedule.
+
+    Attributes:
+        kind: "constant" (warmup then flat: the paper's pre-training), "cosine" (warmup then cosine
+            decay: its mid-training), or "wsd" (warmup, stable, then linear decay).
+        peak_lr: learning rate after warmup.
+        warmup_steps: linear warmup from 0 to peak_lr.
+        decay_steps: cosine length after warmup, or the wsd decay length; 0 = until train.steps.
+        final_lr_ratio: learning rate at the end of the decay, as a fraction of peak_lr.
+    """
+
+    kind: str = "constant"
+    peak_lr: float = 3e-4
+    warmup_steps: int = 100
+    decay_steps: int = 0
+    final_lr_ratio: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        steps: optimizer steps to run.
+        global_batch: sequences per step over all devices; divisible by the data-parallel size.
+        seq_len: tokens per sequence (packed rows).
+        seed: parameter initialisation and anything else random in training.
+        eval_every: steps between held-out evaluations; 0 disables.
+        eval_batches: batches per held-out evaluation.
+    """
+
+    steps: int = 100
+    global_batch: int = 8
+    seq_len: int = 128
+    seed: int = 0
+    eval_every: int = 0
+    eval_batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Orbax checkpoints. Re-running the same run_name in the same output_dir resumes.
+
+    Attributes:
+        output_dir: root folder (local or gs://) holding one folder per run.
+        run_name: name of this run's folder; empty derives one from the config file name.
+        save_every: steps between saves; the last step is always saved.
+        keep: number of most recent checkpoints kept.
+        async_save: write checkpoints in the background while training continues.
+        init_from: a converted checkpoint (`tpt convert`) to start from with a fresh optimizer.
+    """
+
+    output_dir: str = "runs"
+    run_name: str = ""
+    save_every: int = 1000
+    keep: int = 3
+    async_save: bool = True
+    init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Training data. The data issue fills this in (corpora, mixtures, prepared shards).
+
+    Attributes:
+        source: "synthetic" (a built-in token stream, for smoke tests) or "prepared".
+        prepared_dir: folder of packed ArrayRecord shards and their manifest.
+        mixture: name of the SeqIO mixture to train on.
+        vocab_path: SentencePiece model (local or gs://).
+        seed: global shuffle seed.
+    """
+
+    source: str = "synthetic"
+    prepared_dir: str = ""
+    mixture: str = ""
+    vocab_path: str = ""
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """Metrics output.
+
+    Attributes:
+        log_every: steps between console / TensorBoard / JSONL records.
+        tensorboard: write TensorBoard event files into the run folder.
+        jsonl: write one JSON line of metrics per logged step into the run folder.
+        peak_flops_per_device: the accelerator's peak FLOP/s used for MFU; 0 = not reported.
+    """
+
+    log_every: int = 10
+    tensorboard: bool = True
+    jsonl: bool = True
+    peak_flops_per_device: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run. Sections are independent; functions take the section they need."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Where each dotted key got its value ("configs/x.yaml", "override a.b=1"); filled by the
+    # loader so that later checks (device count, checkpoint shapes) can name the file at fault.
+    sources: dict = field(
+        default_factory=dict, compare=False, repr=False, metadata={"internal": True}
+    )
+
+    def source_of(self, key: str) -> str:
+        """The file or override that set `key` (dotted), or "the defaults"."""
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0]
+        return "the defaults"

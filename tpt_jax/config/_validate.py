@@ -1,0 +1,152 @@
+"""Checks that need more than one field, or the device count. Pure: they only raise ConfigError."""
+
+from __future__ import annotations
+
+import math
+
+from tpt_jax.config import _schema as schema
+from tpt_jax.errors import ConfigError
+
+MESH_AXES = ("dcn_data", "dcn_fsdp", "data", "fsdp", "tensor")
+
+
+def _fail(cfg: schema.Config, key: str, message: str) -> None:
+    raise ConfigError(f"config key '{key}': {message} ({cfg.source_of(key)})")
+
+
+def _choice(cfg: schema.Config, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(cfg, key, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(cfg: schema.Config, key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        _fail(cfg, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: schema.Config) -> None:
+    """Static checks: everything that can be known without devices."""
+    m = cfg.model
+    _choice(cfg, "model.family", m.family, schema.FAMILIES)
+    _choice(cfg, "model.dtype", m.dtype, schema.DTYPES)
+    _choice(cfg, "model.param_dtype", m.param_dtype, schema.DTYPES)
+    _choice(cfg, "model.remat_policy", m.remat_policy, schema.REMAT_POLICIES)
+    _choice(cfg, "model.rope_scaling", m.rope_scaling, schema.ROPE_SCALING_TYPES)
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+        _positive(cfg, f"model.{key}", getattr(m, key))
+    _positive(cfg, "model.head_dim", m.head_dim, allow_zero=True)
+    _positive(cfg, "model.rms_norm_eps", m.rms_norm_eps)
+    _positive(cfg, "model.rope_theta", m.rope_theta)
+    if m.num_heads % m.num_kv_heads:
+        _fail(
+            cfg,
+            "model.num_kv_heads",
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}",
+        )
+    if not m.head_dim and m.hidden_size % m.num_heads:
+        _fail(
+            cfg,
+            "model.num_heads",
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+            "set model.head_dim explicitly",
+        )
+    if m.resolved_head_dim % 2:
+        _fail(
+            cfg, "model.head_dim", f"RoPE needs an even head dimension, got {m.resolved_head_dim}"
+        )
+    if m.rope_scaling != "none":
+        _positive(cfg, "model.rope_factor", m.rope_factor)
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        _fail(
+            cfg,
+            "model.rope_high_freq_factor",
+            "must be greater than model.rope_low_freq_factor for llama3 scaling",
+        )
+
+    for axis in MESH_AXES:
+        size = getattr(cfg.mesh, axis)
+        if size == 0 or size < -1:
+            _fail(cfg, f"mesh.{axis}", f"must be a positive size or -1 (fill), got {size}")
+    if sum(getattr(cfg.mesh, a) == -1 for a in MESH_AXES) > 1:
+        _fail(cfg, "mesh", "at most one mesh axis may be -1")
+
+    t = cfg.train
+    for key in ("steps", "global_batch", "seq_len"):
+        _positive(cfg, f"train.{key}", getattr(t, key))
+    _positive(cfg, "train.eval_every", t.eval_every, allow_zero=True)
+    _positive(cfg, "train.eval_batches", t.eval_batches)
+
+    o = cfg.optimizer
+    _positive(cfg, "optimizer.grad_accum_steps", o.grad_accum_steps)
+    _positive(cfg, "optimizer.grad_clip", o.grad_clip, allow_zero=True)
+    _positive(cfg, "optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+        _fail(cfg, "optimizer.b1", f"Adam betas must lie in [0, 1), got b1={o.b1}, b2={o.b2}")
+    if t.global_batch % o.grad_accum_steps:
+        _fail(
+            cfg,
+            "optimizer.grad_accum_steps",
+            f"train.global_batch={t.global_batch} is not divisible by {o.grad_accum_steps} micro-batches",
+        )
+
+    s = cfg.schedule
+    _choice(cfg, "schedule.kind", s.kind, schema.SCHEDULES)
+    _positive(cfg, "schedule.peak_lr", s.peak_lr)
+    _positive(cfg, "schedule.warmup_steps", s.warmup_steps, allow_zero=True)
+    _positive(cfg, "schedule.decay_steps", s.decay_steps, allow_zero=True)
+    if not 0 <= s.final_lr_ratio <= 1:
+        _fail(cfg, "schedule.final_lr_ratio", f"must lie in [0, 1], got {s.final_lr_ratio}")
+    if s.kind != "constant" and s.warmup_steps + s.decay_steps > t.steps:
+        _fail(
+            cfg,
+            "schedule.decay_steps" if s.decay_steps else "schedule.warmup_steps",
+            f"warmup_steps + decay_steps = {s.warmup_steps + s.decay_steps} exceeds train.steps={t.steps}",
+        )
+
+    c = cfg.checkpoint
+    _positive(cfg, "checkpoint.save_every", c.save_every)
+    _positive(cfg, "checkpoint.keep", c.keep)
+
+    _choice(cfg, "data.source", cfg.data.source, ("synthetic", "prepared"))
+    if cfg.data.source == "prepared" and not cfg.data.prepared_dir:
+        _fail(cfg, "data.prepared_dir", "data.source=prepared needs the folder of prepared shards")
+
+    _positive(cfg, "logging.log_every", cfg.logging.log_every)
+
+
+def mesh_shape(cfg: schema.Config, num_devices: int) -> dict[str, int]:
+    """Resolves -1 and checks the mesh against the device count.
+
+    Returns:
+        axis name -> size for every axis of MESH_AXES; the product equals num_devices.
+    """
+    sizes = {a: getattr(cfg.mesh, a) for a in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    fill = [a for a, v in sizes.items() if v == -1]
+    if fill:
+        if num_devices % fixed:
+            _fail(
+                cfg,
+                f"mesh.{fill[0]}",
+                f"the other mesh axes multiply to {fixed}, which does not divide the {num_devices} devices",
+            )
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        shape = " x ".join(f"{a}={v}" for a, v in sizes.items() if v != 1) or "1"
+        _fail(cfg, "mesh", f"mesh {shape} has {fixed} devices but {num_devices} are available")
+    return sizes
+
+
+def validate_for_devices(cfg: schema.Config, num_devices: int) -> dict[str, int]:
+    """Checks that need the device count; returns the resolved mesh shape."""
+    sizes = mesh_shape(cfg, num_devices)
+    dp = sizes["dcn_data"] * sizes["dcn_fsdp"] * sizes["data"] * sizes["fsdp"]
+    micro = cfg.train.global_batch // cfg.optimizer.grad_accum_steps
+    if micro % dp:
+        _fail(
+            cfg,
+            "train.global_batch",
+            f"global batch {cfg.train.global_batch} ({micro} per micro-batch) is not divisible "
+            f"by the data-parallel size {dp} (data x fsdp over {num_devices} devices)",
+        )
+    return sizes

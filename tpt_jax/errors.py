@@ -1,0 +1,25 @@
+"""Errors a user can cause. The CLI prints their message as one line, without a traceback.
+
+Each kind of mistake has its own type so callers (and tests) can tell them apart; every
+message names the file, line or config key at fault and says what to do about it.
+"""
+
+
+class TptError(Exception):
+    """Base class for user-facing errors: bad config, bad input file, missing capability."""
+
+    exit_code = 2
+
+
+class ConfigError(TptError):
+    """A config file, an override or a combination of values is invalid."""
+
+
+class CheckpointError(TptError):
+    """A checkpoint or HF folder is missing, malformed or does not match the config."""
+
+
+class NotBuiltError(TptError):
+    """A sub-command whose capability is not implemented yet. Never pretend; say so."""
+
+    exit_code = 3
