@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/tpt demo
 
 bench: install
-	$(BIN)/tpt bench
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache .ruff_cache

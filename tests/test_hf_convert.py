@@ -22,7 +22,8 @@ def _convert(model, tmp_path, shard_size="1GB"):
     hf_dir, ours_dir = tmp_path / "hf", tmp_path / "ours"
     model.save_pretrained(hf_dir, max_shard_size=shard_size)
     hf_to_tpt(str(hf_dir), str(ours_dir))
-    cfg = dataclasses.replace(load_model_config(str(ours_dir)), dtype="float32")
+    # Query blocks of 16 so that every test row spans several blocks, one of them partial.
+    cfg = dataclasses.replace(load_model_config(str(ours_dir)), dtype="float32", attention_block=16)
     params = restore_params(str(ours_dir), param_shapes(cfg))
     return cfg, params, ours_dir
 

@@ -76,3 +76,18 @@ def test_segments_do_not_see_each_other():
     np.testing.assert_array_equal(out[0, :6], out2[0, :6])  # segment 1 untouched
     np.testing.assert_array_equal(out[0, 6], out2[0, 6])  # causal: earlier tokens of segment 2 too
     assert not np.allclose(out[0, 7:], out2[0, 7:])
+
+
+@pytest.mark.parametrize("block", [0, 5, 12])
+def test_attention_blocks_do_not_change_the_result(block):
+    params = init_params(CFG, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, CFG.vocab_size)
+    segments = jnp.array([[1] * 10 + [2] * 9 + [0] * 5, [1] * 24])
+    positions = jnp.array([list(range(10)) + list(range(9)) + list(range(5)), list(range(24))])
+    whole = Decoder(dataclasses.replace(CFG, attention_block=0)).apply(
+        {"params": params}, tokens, positions, segments
+    )
+    blocked = Decoder(dataclasses.replace(CFG, attention_block=block)).apply(
+        {"params": params}, tokens, positions, segments
+    )
+    np.testing.assert_allclose(blocked, whole, atol=1e-5, rtol=1e-5)

@@ -8,10 +8,13 @@ inside the sub-commands so that config errors are reported at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from tpt_jax.errors import NotBuiltError, TptError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # Sub-commands whose capability a later milestone delivers: name -> what is missing.
 _NOT_BUILT = {
@@ -20,8 +23,6 @@ _NOT_BUILT = {
     "eval": "evaluation (held-out perplexity and few-shot chain-of-thought)",
     "sample": "sampling from a checkpoint (needs the JetStream-compatible engine)",
     "serve": "serving over JetStream gRPC",
-    "train": "the training loop (sharded AdamW, Orbax checkpoints)",
-    "bench": "the training-step benchmark",
 }
 
 
@@ -84,6 +85,24 @@ def _parse_size(text: str) -> int:
     raise TptError(f"--max-shard-size {text!r} is not a size such as 5GB, 500MB or 1048576")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from tpt_jax.train.run import run_training
+
+    result = run_training(_load(args), args.config)
+    print(
+        f"train: finished at step {result.final_step}, loss {result.last_loss:.4f}, run folder {result.run_dir}"
+    )
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from tpt_jax.bench import benchmark_train_step, format_result
+
+    if args.config is not None and "=" in args.config:
+        args.overrides, args.config = [args.config, *args.overrides], None
+    args.config = args.config or os.path.join(CONFIG_DIR, "bench.yaml")
+    print(format_result(benchmark_train_step(_load(args), steps=args.steps)))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from tpt_jax.demo import run_demo
 
@@ -106,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("think", "generate thinking trajectories for a corpus"),
         ("prepare", "tokenize, pack and shard the SeqIO tasks of a mixture"),
-        ("train", "train or mid-train a decoder"),
         ("eval", "held-out perplexity and few-shot chain-of-thought evals"),
         ("sample", "generate from a checkpoint"),
         ("serve", "serve the engine over JetStream gRPC"),
@@ -115,10 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(func=_not_built(name))
 
+    p = sub.add_parser("train", help="train or mid-train a decoder (resumes its run_name)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser(
-        "bench", help="measure training-step speed against this machine's matmul rate"
+        "bench", help="time a config's train step against this machine's matmul rate"
     )
-    p.set_defaults(func=_not_built("bench"))
+    p.add_argument("config", nargs="?", default=None, help="default: configs/bench.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p)

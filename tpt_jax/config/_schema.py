@@ -47,6 +47,8 @@ class ModelConfig:
         remat_policy: what each layer keeps for the backward pass: "none" keeps everything,
             "full" recomputes the whole layer, "dots" keeps matmul outputs, "dots_no_batch" keeps
             matmul outputs without a batch dimension (weights-side products).
+        attention_block: queries per block of causal attention; each block reads only the keys
+            up to its end, skipping the masked upper triangle. 0 = one block.
         init_std: standard deviation of the normal initializer of every kernel and embedding.
         bos_token_id, eos_token_id: recorded for HF export; -1 when unknown.
     """
@@ -73,6 +75,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    attention_block: int = 128
     init_std: float = 0.02
     bos_token_id: int = -1
     eos_token_id: int = -1
@@ -155,6 +158,8 @@ class TrainConfig:
         seed: parameter initialisation and anything else random in training.
         eval_every: steps between held-out evaluations; 0 disables.
         eval_batches: batches per held-out evaluation.
+        max_steps_per_run: stop this invocation after this many steps (0 = run to `steps`); a
+            rerun resumes. For time-limited jobs and resume tests.
     """
 
     steps: int = 100
@@ -163,6 +168,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0
     eval_batches: int = 4
+    max_steps_per_run: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

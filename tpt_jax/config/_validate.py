@@ -35,6 +35,7 @@ def validate(cfg: schema.Config) -> None:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
         _positive(cfg, f"model.{key}", getattr(m, key))
     _positive(cfg, "model.head_dim", m.head_dim, allow_zero=True)
+    _positive(cfg, "model.attention_block", m.attention_block, allow_zero=True)
     _positive(cfg, "model.rms_norm_eps", m.rms_norm_eps)
     _positive(cfg, "model.rope_theta", m.rope_theta)
     if m.num_heads % m.num_kv_heads:
@@ -75,6 +76,7 @@ def validate(cfg: schema.Config) -> None:
         _positive(cfg, f"train.{key}", getattr(t, key))
     _positive(cfg, "train.eval_every", t.eval_every, allow_zero=True)
     _positive(cfg, "train.eval_batches", t.eval_batches)
+    _positive(cfg, "train.max_steps_per_run", t.max_steps_per_run, allow_zero=True)
 
     o = cfg.optimizer
     _positive(cfg, "optimizer.grad_accum_steps", o.grad_accum_steps)

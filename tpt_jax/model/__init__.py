@@ -7,6 +7,7 @@ from tpt_jax.model._params import (
     logical_axes,
     param_count,
     param_shapes,
+    training_flops_per_token,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "logical_axes",
     "param_count",
     "param_shapes",
+    "training_flops_per_token",
 ]

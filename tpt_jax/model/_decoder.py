@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from tpt_jax.config import ModelConfig
-from tpt_jax.model._layers import DecoderLayer, RMSNorm, _param, attention_mask
+from tpt_jax.model._layers import DecoderLayer, RMSNorm, _param, contract
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -70,7 +70,7 @@ class Decoder(nn.Module):
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(c, name="layers")(x, positions, attention_mask(segment_ids))
+        x, _ = stack(c, name="layers")(x, positions, segment_ids)
         x = RMSNorm(c, name="final_norm")(x)
 
         if c.tie_embeddings:
@@ -79,4 +79,4 @@ class Decoder(nn.Module):
             head = _param(
                 self, "lm_head", init, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c
             )
-        return jnp.einsum("bte,ev->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        return contract(x, head.astype(dtype), 1, jnp.float32)

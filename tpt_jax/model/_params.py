@@ -40,3 +40,16 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 def param_count(cfg: ModelConfig) -> int:
     return sum(x.size for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs to train on one token: 6 x matmul parameters + 12 x L x T x H x D attention.
+
+    The embedding lookup is not a matmul; the output projection is (tied or not). Attention is
+    counted over the full sequence, as in the usual MFU formula (PaLM, MaxText).
+    """
+    shapes = param_shapes(cfg)
+    matmul = sum(x.size for x in jax.tree.leaves(shapes["layers"]))
+    matmul += cfg.hidden_size * cfg.vocab_size
+    attention = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
+    return 6.0 * matmul + attention

@@ -1,0 +1,278 @@
+"""The training loop: mesh, sharded state, one compiled step, metrics, checkpoints, resume.
+
+`train` consumes any source of batches in the DESIGN.md format: `batches(start_step)` returns an
+iterator of this process's rows of every global batch from `start_step` on. The data position
+saved with each checkpoint is that step, so a resume (on any number of hosts) sees exactly the
+batches the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from tpt_jax.config import Config, to_dict
+from tpt_jax.errors import TptError
+from tpt_jax.model import Decoder, param_count, training_flops_per_token
+from tpt_jax.model._store import restore_params
+from tpt_jax.parallel import batch_sharding, make_mesh, rules_from_config
+from tpt_jax.train._checkpoint import RunCheckpoints
+from tpt_jax.train._metrics import MetricsWriter, format_metrics
+from tpt_jax.train._optimizer import learning_rate, make_optimizer
+from tpt_jax.train._state import init_state, state_from_params, state_shardings
+from tpt_jax.train._step import BATCH_KEYS, make_eval_step, make_train_step
+
+BatchSource = Callable[[int], Iterator[dict]]
+_BATCH_DTYPES = {"loss_weights": jnp.float32}
+
+
+class TrainingDivergedError(TptError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: str
+    start_step: int
+    final_step: int
+    last_loss: float
+    eval_loss: float | None
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def _memory_report(compiled, abstract_state) -> str:
+    state_bytes = sum(
+        math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
+        for s in jax.tree.leaves(abstract_state)
+    )
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return f"state {state_bytes / 2**20:,.1f} MiB per device (no compiled memory analysis on this backend)"
+    temp = stats.temp_size_in_bytes
+    args = stats.argument_size_in_bytes
+    peak = args + temp + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    return (
+        f"per device: params+optimizer state {state_bytes / 2**20:,.1f} MiB, step arguments "
+        f"{args / 2**20:,.1f} MiB, temporaries {temp / 2**20:,.1f} MiB, "
+        f"peak ~{peak / 2**20:,.1f} MiB ({peak / state_bytes:.2f}x the state)"
+    )
+
+
+@dataclasses.dataclass
+class CompiledTrainer:
+    """Everything a loop or a benchmark needs: mesh, shardings and the step compiled once."""
+
+    mesh: jax.sharding.Mesh
+    tx: object
+    model: Decoder
+    abstract: object  # TrainState of ShapeDtypeStructs with shardings
+    shardings: object  # TrainState of NamedShardings
+    data_sharding: NamedSharding
+    replicated: NamedSharding
+    batch_shape: tuple[int, int]  # [global_batch, seq_len]
+    step: Callable  # compiled (state, batch) -> (state, metrics); donates state
+    compile_seconds: float
+    memory_report: str
+
+    def global_batch(self, local: dict) -> dict:
+        """This process's rows -> global jax.Arrays sharded over the mesh's data axes."""
+        return {
+            k: jax.make_array_from_process_local_data(
+                self.data_sharding, np.asarray(local[k]), self.batch_shape
+            )
+            for k in BATCH_KEYS
+        }
+
+
+def compile_trainer(cfg: Config, devices: list | None = None) -> CompiledTrainer:
+    t = cfg.train
+    mesh = make_mesh(cfg, devices)
+    rules = rules_from_config(cfg.mesh.rules)
+    schedule = learning_rate(cfg.schedule, t.steps)
+    tx = make_optimizer(cfg.optimizer, schedule)
+    model = Decoder(cfg.model)
+    abstract, shardings = state_shardings(cfg.model, tx, mesh, rules)
+    data_sharding = batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shape = (t.global_batch, t.seq_len)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(shape, _BATCH_DTYPES.get(k, jnp.int32), sharding=data_sharding)
+        for k in BATCH_KEYS
+    }
+    step_fn = jax.jit(
+        make_train_step(model, tx, schedule, cfg.optimizer.grad_accum_steps),
+        in_shardings=(shardings, data_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    start = time.perf_counter()
+    compiled = step_fn.lower(abstract, abstract_batch).compile()
+    seconds = time.perf_counter() - start
+    return CompiledTrainer(
+        mesh=mesh,
+        tx=tx,
+        model=model,
+        abstract=abstract,
+        shardings=shardings,
+        data_sharding=data_sharding,
+        replicated=replicated,
+        batch_shape=shape,
+        step=compiled,
+        compile_seconds=seconds,
+        memory_report=_memory_report(compiled, abstract),
+    )
+
+
+def train(
+    cfg: Config,
+    run_dir: str,
+    batches: BatchSource,
+    eval_batches: Callable[[], Iterable[dict]] | None = None,
+    devices: list | None = None,
+) -> TrainResult:
+    """Trains until cfg.train.steps (or max_steps_per_run more steps), resuming if run_dir has checkpoints."""
+    t = cfg.train
+    trainer = compile_trainer(cfg, devices)
+    mesh = trainer.mesh
+    checkpoints = RunCheckpoints(run_dir, cfg.checkpoint)
+    writer = MetricsWriter(run_dir, cfg.logging, enabled=jax.process_index() == 0)
+    try:
+        state = _initial_state(cfg, checkpoints, trainer.abstract, trainer.shardings, trainer.tx)
+        start = int(jax.device_get(state.step))
+        stop = t.steps if not t.max_steps_per_run else min(t.steps, start + t.max_steps_per_run)
+        _log(
+            f"train: {param_count(cfg.model):,} parameters on mesh {dict(mesh.shape)}, "
+            f"steps {start} -> {stop} of {t.steps}, run folder {run_dir}"
+        )
+        _log(f"train: step compiled in {trainer.compile_seconds:.1f}s; {trainer.memory_report}")
+        evaluate = _make_evaluator(trainer, eval_batches)
+
+        flops_per_step = training_flops_per_token(cfg.model, t.seq_len) * t.global_batch * t.seq_len
+        pending: list[tuple[int, dict]] = []
+        last_loss, eval_loss = float("nan"), None
+        source = batches(start)
+        bar = tqdm(
+            total=stop, initial=start, desc="train", unit="step", disable=jax.process_index() != 0
+        )
+        clock, clock_step = time.perf_counter(), start
+        for step in range(start, stop):
+            state, metrics = trainer.step(state, trainer.global_batch(next(source)))
+            pending.append((step + 1, metrics))
+            done = step + 1
+            save = done % cfg.checkpoint.save_every == 0 or done == stop
+            run_eval = (
+                evaluate is not None
+                and t.eval_every
+                and (done % t.eval_every == 0 or done == t.steps)
+            )
+            if done % cfg.logging.log_every and not (save or run_eval):
+                continue
+            values = _check_finite(pending, checkpoints)
+            pending = []
+            seconds = (time.perf_counter() - clock) / max(done - clock_step, 1)
+            record = {
+                k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "loss_tokens")
+            }
+            last_loss = record["loss"]
+            record["tokens_per_sec"] = t.global_batch * t.seq_len / seconds
+            record["step_time_s"] = seconds
+            record["tflops_per_device"] = flops_per_step / seconds / mesh.size / 1e12
+            if cfg.logging.peak_flops_per_device:
+                record["mfu"] = (
+                    flops_per_step / seconds / (mesh.size * cfg.logging.peak_flops_per_device)
+                )
+            if run_eval:
+                eval_loss = record["eval_loss"] = evaluate(state.params)
+            writer.write(done, record)
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
+            if done % cfg.logging.log_every == 0 or done == stop:
+                _log(f"step {done}: {format_metrics(record)}")
+            if save:
+                checkpoints.save(
+                    done, state, {"data_position": done, "step": done, "config": to_dict(cfg)}
+                )
+            # The next interval's timing excludes this one's logging, eval and checkpointing.
+            clock, clock_step = time.perf_counter(), done
+        bar.close()
+        return TrainResult(run_dir, start, stop, last_loss, eval_loss)
+    finally:
+        checkpoints.close()
+        writer.close()
+
+
+def _initial_state(cfg: Config, checkpoints: RunCheckpoints, abstract, shardings, tx):
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state, meta = checkpoints.restore(latest, abstract)
+        if int(meta["data_position"]) != latest:
+            raise TptError(
+                f"{checkpoints.directory}/{latest}: data position {meta['data_position']} != step"
+            )
+        _log(f"train: resumed from step {latest} ({checkpoints.directory})")
+        return state
+    if cfg.checkpoint.init_from:
+        params = restore_params(cfg.checkpoint.init_from, abstract.params)
+        _log(f"train: parameters from {cfg.checkpoint.init_from}, fresh optimizer state")
+        return state_from_params(params, tx, shardings)
+    return init_state(cfg.model, tx, shardings, jax.random.key(cfg.train.seed))
+
+
+def _check_finite(pending: list[tuple[int, dict]], checkpoints: RunCheckpoints) -> dict:
+    """Fetches the pending steps' metrics; stops the run at the first non-finite loss."""
+    fetched = jax.device_get([m for _, m in pending])
+    for (step, _), values in zip(pending, fetched, strict=True):
+        loss = float(values["loss"])
+        if not math.isfinite(loss):
+            last = checkpoints.latest_step()
+            kept = (
+                f"step {last} in {checkpoints.directory}"
+                if last is not None
+                else "none was saved yet"
+            )
+            raise TrainingDivergedError(
+                f"loss is {loss} at step {step}; training stopped without saving. Last good "
+                f"checkpoint: {kept}. Lower schedule.peak_lr or check the data, then rerun to resume."
+            )
+    return fetched[-1]
+
+
+def _make_evaluator(trainer: CompiledTrainer, eval_batches):
+    if eval_batches is None:
+        return None
+    eval_fn = jax.jit(
+        make_eval_step(trainer.model),
+        in_shardings=(trainer.shardings.params, trainer.data_sharding),
+        out_shardings=trainer.replicated,
+    )
+
+    def evaluate(params) -> float:
+        total, weight = 0.0, 0.0
+        for local in eval_batches():
+            loss_sum, w = jax.device_get(eval_fn(params, trainer.global_batch(local)))
+            total += float(loss_sum)
+            weight += float(w)
+        return total / max(weight, 1.0)
+
+    return evaluate
+
+
+def run_folder(cfg: Config, config_path: str | None) -> str:
+    """<output_dir>/<run_name>, the run name defaulting to the config file's stem."""
+    name = cfg.checkpoint.run_name
+    if not name:
+        name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "run"
+    return os.path.join(cfg.checkpoint.output_dir, name)

@@ -1,0 +1,89 @@
+"""The train and eval steps: pure functions of (state, batch), compiled once by the loop.
+
+Batch (DESIGN.md): dict of [global_batch, seq_len] arrays: inputs, targets (int32), segment_ids
+(int32, 0 = padding), positions (int32), loss_weights (float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 scalar (optimizer steps taken); params and opt_state: pytrees."""
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def loss_sums(model: nn.Module, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted next-token cross-entropy, sum of weights), both float32 scalars."""
+    logits = model.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    weights = batch["loss_weights"].astype(jnp.float32)
+    return jnp.sum((logz - target_logit) * weights), jnp.sum(weights)
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, accum_steps: int
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One optimizer step over a global batch split into `accum_steps` micro-batches.
+
+    The loss is the token-weighted mean over the whole global batch, so accumulation changes
+    memory, not the objective.
+    """
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
+
+    def micro_batches(batch):
+        # [B, T] -> [A, B/A, T] taking rows i::A, so each device's contiguous rows stay local.
+        return jax.tree.map(
+            lambda x: jnp.swapaxes(
+                x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1
+            ),
+            batch,
+        )
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if accum_steps == 1:
+            (loss_sum, weight), grads = grad_fn(state.params, batch)
+        else:
+
+            def body(carry, micro):
+                (l_sum, w_sum), g = grad_fn(state.params, micro)
+                acc_g, acc_l, acc_w = carry
+                return (jax.tree.map(jnp.add, acc_g, g), acc_l + l_sum, acc_w + w_sum), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, loss_sum, weight), _ = jax.lax.scan(body, init, micro_batches(batch))
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+            "loss_tokens": weight,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[dict, dict], tuple[jax.Array, jax.Array]]:
+    """(params, batch) -> (loss sum, weight sum), to be summed over a held-out set."""
+    return lambda params, batch: loss_sums(model, params, batch)
