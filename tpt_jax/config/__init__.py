@@ -4,22 +4,26 @@ from tpt_jax.config._load import dump_yaml, load_config, save_resolved, to_dict
 from tpt_jax.config._schema import (
     CheckpointConfig,
     Config,
+    CorpusConfig,
     DataConfig,
     LoggingConfig,
     MeshConfig,
+    MixtureComponent,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
     TrainConfig,
 )
-from tpt_jax.config._validate import mesh_shape, validate, validate_for_devices
+from tpt_jax.config._validate import mesh_shape, task_names, validate, validate_for_devices
 
 __all__ = [
     "CheckpointConfig",
     "Config",
+    "CorpusConfig",
     "DataConfig",
     "LoggingConfig",
     "MeshConfig",
+    "MixtureComponent",
     "ModelConfig",
     "OptimizerConfig",
     "ScheduleConfig",
@@ -28,6 +32,7 @@ __all__ = [
     "load_config",
     "mesh_shape",
     "save_resolved",
+    "task_names",
     "to_dict",
     "validate",
     "validate_for_devices",

@@ -133,7 +133,7 @@ def _build(cls: type, data: Any, prefix: str, sources: dict) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(
             f"{where} must be a mapping, got {_describe(data)} "
-            f"({sources.get(prefix.rstrip('.'), 'the defaults')})"
+            f"({_origin(sources, prefix.rstrip('.'))})"
         )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
@@ -143,15 +143,34 @@ def _build(cls: type, data: Any, prefix: str, sources: dict) -> Any:
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
-            raise ConfigError(
-                f"unknown config key '{dotted}' ({sources.get(dotted, 'the defaults')}){hint}"
-            )
+            raise ConfigError(f"unknown config key '{dotted}' ({_origin(sources, dotted)}){hint}")
         kind = hints[key]
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
         if dataclasses.is_dataclass(kind):
             kwargs[key] = _build(kind, value, dotted + ".", sources)
+        elif item is not None and dataclasses.is_dataclass(item):
+            origin = _origin(sources, dotted)
+            if isinstance(value, _Override):
+                value = value.value
+            if not isinstance(value, list):
+                raise ConfigError(
+                    f"config key '{dotted}' must be a list, got {_describe(value)} ({origin})"
+                )
+            for i in range(len(value)):
+                sources.setdefault(f"{dotted}[{i}]", origin)
+            kwargs[key] = [_build(item, v, f"{dotted}[{i}].", sources) for i, v in enumerate(value)]
         else:
-            kwargs[key] = _coerce(kind, value, dotted, sources.get(dotted, "the defaults"))
+            kwargs[key] = _coerce(kind, value, dotted, _origin(sources, dotted))
     return cls(**kwargs)
+
+
+def _origin(sources: dict, dotted: str) -> str:
+    """The file or override that set `dotted` or its nearest enclosing key."""
+    while dotted:
+        if dotted in sources:
+            return sources[dotted]
+        dotted = dotted.rpartition(".")[0]
+    return "the defaults"
 
 
 def _coerce(kind: type, value: Any, dotted: str, origin: str) -> Any:
@@ -194,15 +213,17 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: Any) -> Any:
     """The resolved config as plain data (no provenance), ready for YAML or JSON."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if f.metadata.get("internal"):
-            continue
-        value = getattr(cfg, f.name)
-        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
-    return out
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    return {
+        f.name: to_dict(getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+        if not f.metadata.get("internal")
+    }
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -193,21 +193,62 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CorpusConfig:
+    """One corpus: files of records with a text field and, for an augmented corpus, thinking.
+
+    Attributes:
+        name: task prefix; the tasks are `<name>_vanilla` and, with thinking, `<name>_tpt`.
+        paths: files or globs, local or gs://. JSONL (.jsonl, .json, .gz, .zst), Parquet
+            (.parquet) or ArrayRecord of JSON records (.array_record, .arrayrecord).
+        text_field, thinking_field, id_field: record fields; an empty thinking_field means the
+            corpus has no thinking (vanilla task only).
+        meta_fields: other fields kept as metadata (such as "domain").
+    """
+
+    name: str = ""
+    paths: list = field(default_factory=list)
+    text_field: str = "text"
+    thinking_field: str = "thinking"
+    id_field: str = "id"
+    meta_fields: list = field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MixtureComponent:
+    """A task of the training mixture and its sampling rate (relative, need not sum to 1)."""
+
+    task: str = ""
+    rate: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Training data. The data issue fills this in (corpora, mixtures, prepared shards).
+    """Training data: corpora -> SeqIO tasks -> mixture -> packed ArrayRecord shards -> loader.
 
     Attributes:
         source: "synthetic" (a built-in token stream, for smoke tests) or "prepared".
-        prepared_dir: folder of packed ArrayRecord shards and their manifest.
-        mixture: name of the SeqIO mixture to train on.
+        corpora: the corpora tasks are made from.
+        mixture: tasks and their rates. The paper's source weighting is rates 1 : 0.125;
+            a vanilla : TPT ratio is two components of one corpus.
         vocab_path: SentencePiece model (local or gs://).
-        seed: global shuffle seed.
+        tpt_template: how a TPT sample joins a document and its thinking ({text}, {thinking}).
+        long_docs: "split" (a sample longer than train.seq_len continues in the next row) or
+            "truncate" (keep its first train.seq_len tokens).
+        prepared_dir: folder (local or gs://) of packed ArrayRecord shards and the manifest.
+        rows_per_shard: packed rows per ArrayRecord shard written by `tpt prepare`.
+        strict: stop at the first bad input record instead of counting and skipping it.
+        seed: global shuffle seed of the loader.
     """
 
     source: str = "synthetic"
-    prepared_dir: str = ""
-    mixture: str = ""
+    corpora: list[CorpusConfig] = field(default_factory=list)
+    mixture: list[MixtureComponent] = field(default_factory=list)
     vocab_path: str = ""
+    tpt_template: str = "{text}\n<think>\n{thinking}\n</think>"
+    long_docs: str = "split"
+    prepared_dir: str = ""
+    rows_per_shard: int = 4096
+    strict: bool = False
     seed: int = 0
 
 

@@ -109,11 +109,57 @@ def validate(cfg: schema.Config) -> None:
     _positive(cfg, "checkpoint.save_every", c.save_every)
     _positive(cfg, "checkpoint.keep", c.keep)
 
-    _choice(cfg, "data.source", cfg.data.source, ("synthetic", "prepared"))
-    if cfg.data.source == "prepared" and not cfg.data.prepared_dir:
-        _fail(cfg, "data.prepared_dir", "data.source=prepared needs the folder of prepared shards")
+    _validate_data(cfg)
 
     _positive(cfg, "logging.log_every", cfg.logging.log_every)
+
+
+def task_names(data: schema.DataConfig) -> list[str]:
+    """The SeqIO task names the corpora define: <name>_vanilla, and <name>_tpt with thinking."""
+    names = []
+    for corpus in data.corpora:
+        names.append(f"{corpus.name}_vanilla")
+        if corpus.thinking_field:
+            names.append(f"{corpus.name}_tpt")
+    return names
+
+
+def _validate_data(cfg: schema.Config) -> None:
+    d = cfg.data
+    _choice(cfg, "data.source", d.source, ("synthetic", "prepared"))
+    _choice(cfg, "data.long_docs", d.long_docs, ("split", "truncate"))
+    _positive(cfg, "data.rows_per_shard", d.rows_per_shard)
+    for field in ("{text}", "{thinking}"):
+        if field not in d.tpt_template:
+            _fail(cfg, "data.tpt_template", f"must contain {field}")
+    seen = set()
+    for i, corpus in enumerate(d.corpora):
+        key = f"data.corpora[{i}]"
+        if not corpus.name or not corpus.name.replace("_", "").replace("-", "").isalnum():
+            _fail(
+                cfg,
+                f"{key}.name",
+                f"must be a non-empty name of letters, digits, _ or -, got {corpus.name!r}",
+            )
+        if corpus.name in seen:
+            _fail(cfg, f"{key}.name", f"corpus name {corpus.name!r} is used twice")
+        seen.add(corpus.name)
+        if not corpus.paths:
+            _fail(cfg, f"{key}.paths", "lists no files")
+    tasks = task_names(d)
+    for i, component in enumerate(d.mixture):
+        key = f"data.mixture[{i}]"
+        if component.task not in tasks:
+            known = ", ".join(tasks) or "none: data.corpora is empty"
+            _fail(cfg, f"{key}.task", f"unknown task {component.task!r} (tasks: {known})")
+        _positive(cfg, f"{key}.rate", component.rate)
+    if d.source == "prepared":
+        if not d.prepared_dir:
+            _fail(
+                cfg, "data.prepared_dir", "data.source=prepared needs the folder of prepared shards"
+            )
+        if not d.mixture:
+            _fail(cfg, "data.mixture", "data.source=prepared needs at least one mixture component")
 
 
 def mesh_shape(cfg: schema.Config, num_devices: int) -> dict[str, int]:

@@ -1,0 +1,209 @@
+"""Corpus readers: JSONL (plain, .gz, .zst), Parquet and ArrayRecord of JSON records, local or gs://.
+
+Readers yield `Document`s in file order with their file and line (row) number, so every output
+can be traced back and every bad record is reported where it is. Files are opened through
+fsspec (gcsfs for gs://), so the same code reads a laptop folder and a bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import fsspec
+
+from tpt_jax.config import CorpusConfig
+from tpt_jax.data.rejects import RejectLog
+
+JSONL_SUFFIXES = (
+    ".jsonl",
+    ".json",
+    ".jsonl.gz",
+    ".json.gz",
+    ".jsonl.zst",
+    ".json.zst",
+    ".gz",
+    ".zst",
+)
+PARQUET_SUFFIXES = (".parquet",)
+ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One input record. `thinking` is None for records without thinking."""
+
+    id: str
+    text: str
+    thinking: str | None
+    meta: dict
+    source: str
+    line: int
+
+
+def expand(patterns: Sequence[str], rejects: RejectLog) -> list[str]:
+    """Files matching each pattern (sorted per pattern, first occurrence kept).
+
+    A pattern that matches nothing is bad input: reported, or fatal with strict.
+    """
+    files: list[str] = []
+    for pattern in patterns:
+        fs, path = fsspec.core.url_to_fs(pattern)
+        matches = (
+            sorted(fs.glob(path))
+            if any(c in path for c in "*?[")
+            else ([path] if fs.exists(path) else [])
+        )
+        if not matches:
+            rejects.reject(pattern, None, "missing file: no file matches this path")
+            continue
+        protocol = pattern.split("://")[0] + "://" if "://" in pattern else ""
+        for match in matches:
+            full = match if match.startswith(protocol) else protocol + match
+            if full not in files:
+                files.append(full)
+    return files
+
+
+def read_records(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
+    """(line or row number, JSON object) for every well-formed record of one file."""
+    name = path.lower()
+    try:
+        if name.endswith(PARQUET_SUFFIXES):
+            yield from _parquet(path)
+        elif name.endswith(ARRAY_RECORD_SUFFIXES):
+            yield from _array_record(path, rejects)
+        elif name.endswith(JSONL_SUFFIXES):
+            yield from _jsonl(path, rejects)
+        else:
+            rejects.reject(
+                path,
+                None,
+                "unknown file type: expected .jsonl[.gz|.zst], .parquet or .array_record",
+            )
+    except (OSError, EOFError, ValueError, zstd_error()) as e:
+        # A file that cannot be opened or decompressed: what it yielded so far stands.
+        rejects.reject(path, None, f"unreadable file: {type(e).__name__}: {e}")
+
+
+def zstd_error() -> type[Exception]:
+    import zstandard
+
+    return zstandard.ZstdError
+
+
+def _lines(raw, path: str):
+    """A line iterator over a (possibly compressed) binary file object."""
+    if path.lower().endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    if path.lower().endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    return raw
+
+
+def _jsonl(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
+    with fsspec.open(path, "rb") as stream, _lines(stream, path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record = _decode(line, path, number, rejects)
+            if record is not None:
+                yield number, record
+
+
+def _decode(raw: bytes, path: str, number: int, rejects: RejectLog) -> dict | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        rejects.reject(path, number, f"non-UTF-8 bytes: at byte {e.start}")
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        rejects.reject(path, number, f"malformed JSON: {e.msg} at column {e.colno}")
+        return None
+    if not isinstance(record, dict):
+        rejects.reject(path, number, f"not a JSON object: got {type(record).__name__}")
+        return None
+    return record
+
+
+def _parquet(path: str) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as f:
+        number = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+
+
+def _array_record(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
+    from array_record.python import array_record_module
+
+    if "://" in path:
+        raise OSError("ArrayRecord corpora are read from local paths; copy the shards first")
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+        for start in range(0, reader.num_records(), 1024):
+            chunk = reader.read(list(range(start, min(start + 1024, reader.num_records()))))
+            for offset, raw in enumerate(chunk):
+                record = _decode(raw, path, start + offset + 1, rejects)
+                if record is not None:
+                    yield start + offset + 1, record
+    finally:
+        reader.close()
+
+
+def to_document(
+    record: dict, corpus: CorpusConfig, path: str, line: int, rejects: RejectLog
+) -> Document | None:
+    """Checks one record's fields; rejects it (and returns None) if it is unusable."""
+    text = record.get(corpus.text_field)
+    if text is None:
+        rejects.reject(path, line, f"missing field: '{corpus.text_field}'")
+        return None
+    if not isinstance(text, str):
+        rejects.reject(
+            path,
+            line,
+            f"wrong field type: '{corpus.text_field}' is {type(text).__name__}, not a string",
+        )
+        return None
+    if not text.strip():
+        rejects.reject(path, line, "empty document: text is empty or whitespace")
+        return None
+    thinking = None
+    if corpus.thinking_field:
+        thinking = record.get(corpus.thinking_field)
+        if thinking is not None and not isinstance(thinking, str):
+            rejects.reject(
+                path,
+                line,
+                f"wrong field type: '{corpus.thinking_field}' is {type(thinking).__name__}, not a string",
+            )
+            return None
+        if thinking is not None and not thinking.strip():
+            thinking = None
+    raw_id = record.get(corpus.id_field)
+    doc_id = str(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+    if doc_id is None:
+        doc_id = f"{corpus.name}:{os.path.basename(path)}:{line}"
+    meta = {key: record[key] for key in corpus.meta_fields if key in record}
+    return Document(doc_id, text, thinking, meta, path, line)
+
+
+def read_corpus(corpus: CorpusConfig, rejects: RejectLog) -> Iterator[Document]:
+    """Every usable document of a corpus, in file order."""
+    for path in expand(corpus.paths, rejects):
+        for line, record in read_records(path, rejects):
+            doc = to_document(record, corpus, path, line, rejects)
+            if doc is not None:
+                yield doc
