@@ -19,7 +19,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # Sub-commands whose capability a later milestone delivers: name -> what is missing.
 _NOT_BUILT = {
     "think": "thinking generation (JetStream engine, offline driver and backends)",
-    "prepare": "data preparation (SeqIO tasks, packing, ArrayRecord shards)",
     "eval": "evaluation (held-out perplexity and few-shot chain-of-thought)",
     "sample": "sampling from a checkpoint (needs the JetStream-compatible engine)",
     "serve": "serving over JetStream gRPC",
@@ -94,6 +93,45 @@ def _cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from tpt_jax.data.prepare import run_prepare, summarize
+
+    print(summarize(run_prepare(_load(args), args.beam_args)))
+
+
+def _cmd_vocab(args: argparse.Namespace) -> None:
+    import itertools
+
+    from tpt_jax.data import readers, vocab
+    from tpt_jax.data.rejects import RejectLog
+
+    cfg = _load(args)
+    out = args.out or cfg.data.vocab_path
+    if not out:
+        raise TptError("tpt vocab train: give --out or set data.vocab_path")
+    if not cfg.data.corpora:
+        raise TptError("tpt vocab train: data.corpora is empty; nothing to train on")
+    rejects = RejectLog(strict=cfg.data.strict)
+
+    def texts():
+        for corpus in cfg.data.corpora:
+            docs = itertools.islice(readers.read_corpus(corpus, rejects), args.sample_docs)
+            for doc in docs:
+                yield doc.text
+                if doc.thinking:
+                    yield doc.thinking
+
+    digest = vocab.train(
+        texts(),
+        out,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        byte_fallback=not args.no_byte_fallback,
+        user_defined_symbols=args.symbols.split(",") if args.symbols else (),
+    )
+    print(f"vocab: wrote {out} ({digest}); input: {rejects.summary()}")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from tpt_jax.bench import benchmark_train_step, format_result
 
@@ -124,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (
         ("think", "generate thinking trajectories for a corpus"),
-        ("prepare", "tokenize, pack and shard the SeqIO tasks of a mixture"),
         ("eval", "held-out perplexity and few-shot chain-of-thought evals"),
         ("sample", "generate from a checkpoint"),
         ("serve", "serve the engine over JetStream gRPC"),
@@ -132,6 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
         p.set_defaults(func=_not_built(name))
+
+    p = sub.add_parser(
+        "prepare", help="tokenize, pack and shard the SeqIO tasks of the mixture (Beam)"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_prepare, beam_args=[])
+    p.epilog = "Options this parser does not know (--runner=..., --project=...) go to Apache Beam."
+
+    p = sub.add_parser("vocab", help="train a SentencePiece vocabulary from the config's corpora")
+    p.add_argument("action", choices=["train"])
+    _add_config_args(p)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
+    p.add_argument("--no-byte-fallback", action="store_true", help="map unknown characters to UNK")
+    p.add_argument(
+        "--symbols", default="<think>,</think>", help="comma-separated user-defined symbols"
+    )
+    p.add_argument("--sample-docs", type=int, default=100_000, help="documents read per corpus")
+    p.add_argument("--out", default="", help="model path (default: data.vocab_path)")
+    p.set_defaults(func=_cmd_vocab)
 
     p = sub.add_parser("train", help="train or mid-train a decoder (resumes its run_name)")
     _add_config_args(p)
@@ -174,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "prepare" or not all(a.startswith("--") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.beam_args = extra
     try:
         args.func(args)
     except TptError as e:

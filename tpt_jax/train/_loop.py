@@ -142,8 +142,12 @@ def train(
     batches: BatchSource,
     eval_batches: Callable[[], Iterable[dict]] | None = None,
     devices: list | None = None,
+    extra_metrics: Callable[[int], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Trains until cfg.train.steps (or max_steps_per_run more steps), resuming if run_dir has checkpoints."""
+    """Trains until cfg.train.steps (or max_steps_per_run more steps), resuming if run_dir has checkpoints.
+
+    `extra_metrics(step)` adds data-side metrics (such as epochs seen per task) to each record.
+    """
     t = cfg.train
     trainer = compile_trainer(cfg, devices)
     mesh = trainer.mesh
@@ -196,6 +200,8 @@ def train(
                 )
             if run_eval:
                 eval_loss = record["eval_loss"] = evaluate(state.params)
+            if extra_metrics is not None:
+                record.update(extra_metrics(done))
             writer.write(done, record)
             bar.update(done - bar.n)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")

@@ -8,7 +8,7 @@ import jax
 
 from tpt_jax.config import Config, dump_yaml, save_resolved
 from tpt_jax.data import synthetic
-from tpt_jax.errors import NotBuiltError
+from tpt_jax.errors import ConfigError
 from tpt_jax.train._loop import TrainResult, run_folder, train
 
 # Held-out synthetic batches come from steps no training run reaches.
@@ -38,9 +38,40 @@ def run_training(cfg: Config, config_path: str | None, quiet_config: bool = Fals
         if not quiet_config:
             print(dump_yaml(cfg), end="")
         save_resolved(cfg, run_dir)
-    if cfg.data.source != "synthetic":
-        raise NotBuiltError(
-            "data.source=prepared: the prepared-data loader (data milestone) is not built yet"
-        )
+    if cfg.data.source == "prepared":
+        batches, epochs = prepared_source(cfg)
+        result = train(cfg, run_dir, batches, extra_metrics=epochs)
+        if jax.process_index() == 0:
+            seen = ", ".join(f"{k} {v:.2f}" for k, v in epochs(result.final_step).items())
+            print(f"train: epochs seen per task: {seen}")
+        return result
     batches, eval_batches = synthetic_sources(cfg)
     return train(cfg, run_dir, batches, eval_batches if cfg.train.eval_every else None)
+
+
+def prepared_source(cfg: Config):
+    """(batches(start_step), epochs_seen(step)) over the prepared mixture."""
+    from tpt_jax.data import loader, vocab
+
+    checksum = None
+    if cfg.data.vocab_path:
+        model = vocab.read_model(cfg.data.vocab_path)
+        checksum = vocab.checksum(model)
+        size = vocab.piece_count(model)
+        if cfg.model.vocab_size < size:
+            raise ConfigError(
+                f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+                f"{size} pieces of {cfg.data.vocab_path} ({cfg.source_of('model.vocab_size')})"
+            )
+    data = loader.MixedRows(
+        cfg.data.prepared_dir, cfg.data.mixture, cfg.data.seed, cfg.train.seq_len, checksum
+    )
+    t = cfg.train
+
+    def batches(start):
+        return loader.batches(data, start, t.global_batch, jax.process_index(), jax.process_count())
+
+    def epochs(step):
+        return {f"epochs/{k}": v for k, v in data.epochs_seen(step * t.global_batch).items()}
+
+    return batches, epochs

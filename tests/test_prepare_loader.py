@@ -1,0 +1,261 @@
+"""`tpt prepare` (Beam, SeqIO, packing, ArrayRecord) and the Grain loader on top of it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tpt_jax.config import MixtureComponent, load_config
+from tpt_jax.data import loader, vocab
+from tpt_jax.data.packing import row_to_batch_fields
+
+WORDS = [
+    "apples",
+    "dollars",
+    "train",
+    "travels",
+    "hour",
+    "speed",
+    "each",
+    "cost",
+    "number",
+    "total",
+]
+SEQ = 64
+
+
+def _write_corpus(root):
+    rng = np.random.default_rng(0)
+    for f in range(3):
+        with open(root / f"c{f}.jsonl", "w") as fh:
+            for i in range(120):
+                record = {
+                    "id": f"{f}-{i}",
+                    "text": " ".join(rng.choice(WORDS, int(rng.integers(3, 60)))),
+                }
+                if i % 7:
+                    record["thinking"] = " ".join(rng.choice(WORDS, int(rng.integers(3, 120))))
+                fh.write(json.dumps(record) + "\n")
+            fh.write("{not json\n")
+    vocab.train(
+        (" ".join(rng.choice(WORDS, 20)) for _ in range(300)),
+        str(root / "spm.model"),
+        vocab_size=300,
+    )
+
+
+def _config(root, prepared="prepared", seq_len=SEQ, extra=()):
+    (root / "cfg.yaml").write_text(
+        f"""
+train: {{seq_len: {seq_len}, global_batch: 8}}
+data:
+  vocab_path: {root}/spm.model
+  prepared_dir: {root}/{prepared}
+  corpora: [{{name: toy, paths: ["{root}/c*.jsonl"]}}]
+  mixture: [{{task: toy_tpt, rate: 1.0}}, {{task: toy_vanilla, rate: 0.5}}]
+"""
+    )
+    return load_config(str(root / "cfg.yaml"), list(extra))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from tpt_jax.data.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("prep")
+    _write_corpus(root)
+    cfg = _config(root)
+    manifest = run_prepare(cfg)
+    return root, cfg, manifest
+
+
+def _stored_rows(root, manifest, task):
+    from array_record.python import array_record_module
+
+    rows = []
+    for f in manifest["tasks"][task]["files"]:
+        reader = array_record_module.ArrayRecordReader(str(root / "prepared" / f["path"]))
+        rows += [np.frombuffer(r, np.int32).reshape(3, SEQ) for r in reader.read_all()]
+        reader.close()
+    return rows
+
+
+def test_manifest_counts_and_rejects(prepared):
+    root, _, manifest = prepared
+    tpt, vanilla = manifest["tasks"]["toy_tpt"], manifest["tasks"]["toy_vanilla"]
+    assert vanilla["documents"] == 360 and vanilla["rejected"] == 3  # 3 malformed lines
+    assert (
+        tpt["documents"] == 360 - 3 * 18 and tpt["rejected"] == 3 + 3 * 18
+    )  # + records without thinking
+    assert 0.5 < tpt["thinking_token_share"] < 0.95 and vanilla["thinking_token_share"] == 0
+    assert manifest["vocab_checksum"] == vocab.checksum((root / "spm.model").read_bytes())
+    rejects = (
+        (root / "prepared" / "rejects" / "toy_tpt-00000-of-00003.tsv").read_text().splitlines()
+    )
+    assert any("no thinking" in line for line in rejects) and any(
+        "malformed JSON" in line for line in rejects
+    )
+
+
+def test_rows_hold_exactly_the_task_tokens(prepared):
+    import seqio
+
+    root, _, manifest = prepared
+    for task_name in ("toy_tpt", "toy_vanilla"):
+        expected = [
+            ex["targets"]
+            for ex in seqio.get_mixture_or_task(task_name)
+            .get_dataset(sequence_length=None, shuffle=False)
+            .as_numpy_iterator()
+        ]
+        rows = np.stack(_stored_rows(root, manifest, task_name))
+        fields = row_to_batch_fields(rows)
+        got = fields["targets"][fields["segment_ids"] > 0]
+        np.testing.assert_array_equal(got, np.concatenate(expected))
+        assert manifest["tasks"][task_name]["tokens"] == len(got)
+
+
+def test_rerun_skips_and_redoes_only_missing_shards(prepared):
+    from tpt_jax.data.prepare import run_prepare
+
+    root, cfg, manifest = prepared
+    shard = root / "prepared" / "toy_tpt" / "00001-of-00003.array_record"
+    before = shard.read_bytes()
+    stamp = os.path.getmtime(root / "prepared" / "toy_tpt" / "00000-of-00003.array_record")
+    os.remove(str(shard) + ".json")  # as if the run died after writing rows but before its stats
+    assert run_prepare(cfg) == manifest
+    assert shard.read_bytes() == before
+    assert os.path.getmtime(root / "prepared" / "toy_tpt" / "00000-of-00003.array_record") == stamp
+
+
+def test_other_config_is_refused(prepared):
+    from tpt_jax.data.prepare import PreparedDataError, run_prepare
+
+    root, _, _ = prepared
+    other = _config(root, seq_len=32)
+    with pytest.raises(PreparedDataError, match="prepared with another config"):
+        run_prepare(other)
+    _config(root)  # restore cfg.yaml for later tests
+
+
+def _mixed(root, seed=0, mixture=None):
+    mixture = mixture or [
+        MixtureComponent(task="toy_tpt", rate=1.0),
+        MixtureComponent(task="toy_vanilla", rate=0.5),
+    ]
+    return loader.MixedRows(str(root / "prepared"), mixture, seed, SEQ)
+
+
+def _global_batch(data, step, batch, processes):
+    parts = [next(loader.batches(data, step, batch, p, processes)) for p in range(processes)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_same_seed_same_batches_other_seed_other_batches(prepared):
+    root, _, _ = prepared
+    a, b, c = _mixed(root, 0), _mixed(root, 0), _mixed(root, 1)
+    for step in (0, 5, 123):
+        x, y, z = (_global_batch(d, step, 8, 1) for d in (a, b, c))
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+        assert not np.array_equal(x["targets"], z["targets"])
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_one_epoch_covers_every_row_exactly_once(prepared, processes):
+    root, _, manifest = prepared
+    data = _mixed(root, mixture=[MixtureComponent(task="toy_vanilla", rate=1.0)])
+    stored = sorted(r.tobytes() for r in _stored_rows(root, manifest, "toy_vanilla"))
+    batch = 8
+    seen = []
+    for step in range(-(-len(stored) // batch)):
+        for p in range(processes):
+            for g, row in zip(
+                loader.process_rows(step, batch, p, processes),
+                data.rows(loader.process_rows(step, batch, p, processes)),
+                strict=True,
+            ):
+                if g < len(stored):
+                    seen.append(row.tobytes())
+    assert sorted(seen) == stored
+    assert data.epochs_seen(len(stored)) == {"toy_vanilla": 1.0}
+
+
+def test_resume_on_another_process_count_gives_the_same_global_batches(prepared):
+    root, _, _ = prepared
+    data = _mixed(root)
+    k = 7
+    for processes in (1, 4):
+        resumed = _mixed(root)
+        for step in (k, k + 1, k + 5):
+            x, y = _global_batch(data, step, 8, 2), _global_batch(resumed, step, 8, processes)
+            for key in x:
+                np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_mixture_rates_within_two_percent(prepared):
+    root, _, manifest = prepared
+    owner = {
+        r.tobytes(): t for t in ("toy_tpt", "toy_vanilla") for r in _stored_rows(root, manifest, t)
+    }
+    rows = _mixed(root).rows(np.arange(10_000))
+    share = np.mean([owner[r.tobytes()] == "toy_tpt" for r in rows])
+    assert abs(share - 2 / 3) <= 0.02 * 2 / 3
+
+
+def test_vocab_and_length_mismatch_refused(prepared):
+    from tpt_jax.data.prepare import PreparedDataError
+
+    root, _, _ = prepared
+    mixture = [MixtureComponent(task="toy_tpt", rate=1.0)]
+    with pytest.raises(
+        PreparedDataError,
+        match=r"prepared with vocabulary sha256:.* but data\.vocab_path is sha256:0000",
+    ):
+        loader.MixedRows(str(root / "prepared"), mixture, 0, SEQ, "sha256:0000")
+    with pytest.raises(PreparedDataError, match=r"rows of 64 tokens but train\.seq_len is 128"):
+        loader.MixedRows(str(root / "prepared"), mixture, 0, 128)
+
+
+def test_train_on_prepared_data(prepared, tmp_path):
+    root, _, _ = prepared
+    args = [
+        sys.executable,
+        "-m",
+        "tpt_jax",
+        "train",
+        str(root / "cfg.yaml"),
+        "data.source=prepared",
+    ]
+    args += [
+        "model.vocab_size=320",
+        "train.steps=4",
+        "schedule.warmup_steps=1",
+        "logging.log_every=2",
+    ]
+    args += [
+        f"checkpoint.output_dir={tmp_path}",
+        "checkpoint.run_name=prep",
+        "logging.tensorboard=false",
+    ]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "epochs seen per task: epochs/toy_tpt" in result.stdout
+    records = [
+        json.loads(x) for x in (tmp_path / "prep" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert records[-1]["step"] == 4 and records[-1]["epochs/toy_tpt"] > 0
+    small = [a if a != "model.vocab_size=320" else "model.vocab_size=100" for a in args]
+    result = subprocess.run(small, capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "'model.vocab_size': 100 is smaller than the" in result.stderr
+    bad = subprocess.run(
+        [*args, "data.vocab_path=" + str(tmp_path / "none.model")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and "none.model" in bad.stderr
