@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -259,3 +260,20 @@ def test_train_on_prepared_data(prepared, tmp_path):
         env=env,
     )
     assert bad.returncode == 2 and "none.model" in bad.stderr
+
+
+def test_strict_prepare_stops_naming_file_and_line(tmp_path):
+    root = tmp_path
+    _write_corpus(root)
+    args = [sys.executable, "-m", "tpt_jax", "prepare", str(root / "cfg.yaml")]
+    _config(root, prepared="strict")
+    result = subprocess.run(
+        [*args, "data.strict=true"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"c\d\.jsonl:(1: no thinking|121: malformed JSON)", last), last
+    assert "Traceback" not in result.stderr
+    lenient = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert lenient.returncode == 0, lenient.stderr
+    assert "toy_tpt: 306 documents" in lenient.stdout and "57 rejected" in lenient.stdout

@@ -235,7 +235,6 @@ class DataConfig:
         long_docs: "split" (a sample longer than train.seq_len continues in the next row) or
             "truncate" (keep its first train.seq_len tokens).
         prepared_dir: folder (local or gs://) of packed ArrayRecord shards and the manifest.
-        rows_per_shard: packed rows per ArrayRecord shard written by `tpt prepare`.
         strict: stop at the first bad input record instead of counting and skipping it.
         seed: global shuffle seed of the loader.
     """
@@ -247,7 +246,6 @@ class DataConfig:
     tpt_template: str = "{text}\n<think>\n{thinking}\n</think>"
     long_docs: str = "split"
     prepared_dir: str = ""
-    rows_per_shard: int = 4096
     strict: bool = False
     seed: int = 0
 

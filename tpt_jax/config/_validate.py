@@ -128,7 +128,6 @@ def _validate_data(cfg: schema.Config) -> None:
     d = cfg.data
     _choice(cfg, "data.source", d.source, ("synthetic", "prepared"))
     _choice(cfg, "data.long_docs", d.long_docs, ("split", "truncate"))
-    _positive(cfg, "data.rows_per_shard", d.rows_per_shard)
     for field in ("{text}", "{thinking}"):
         if field not in d.tpt_template:
             _fail(cfg, "data.tpt_template", f"must contain {field}")

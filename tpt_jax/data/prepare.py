@@ -27,7 +27,7 @@ import numpy as np
 from tpt_jax.config import Config, to_dict
 from tpt_jax.data import vocab
 from tpt_jax.data.packing import Packer
-from tpt_jax.data.rejects import RejectLog
+from tpt_jax.data.rejects import BadInputError, RejectLog
 from tpt_jax.errors import TptError
 
 MANIFEST = "manifest.json"
@@ -106,19 +106,29 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
             f"{stats_path} was prepared with another config ({stats.get('config_hash')} != {expected_hash}); "
             "use a new data.prepared_dir"
         )
-    import sentencepiece as spm
     import seqio
 
     from tpt_jax.data import tasks
 
     tasks.register(cfg.data)
     task = seqio.get_mixture_or_task(task_name)
-    rejects_path = os.path.join(
-        root, "rejects", name.replace("/", "-").replace(".array_record", ".tsv")
-    )
-    task.source.rejects = RejectLog(
-        strict=cfg.data.strict, path=None if "://" in root else rejects_path
-    )
+    task.source.rejects = RejectLog(strict=cfg.data.strict, path=_rejects_path(root, name))
+    return _prepare(cfg, task, name, index, count, expected_hash)
+
+
+def _rejects_path(root: str, name: str) -> str | None:
+    if "://" in root:
+        return None  # reject reports are local files; counts still go to the stats and manifest
+    return os.path.join(root, "rejects", name.replace("/", "-").replace(".array_record", ".tsv"))
+
+
+def _prepare(cfg: Config, task, name: str, index: int, count: int, expected_hash: str) -> dict:
+    import sentencepiece as spm
+    import seqio
+
+    root = cfg.data.prepared_dir
+    task_name = task.name
+    stats_path = os.path.join(root, name + ".json")
     processor = spm.SentencePieceProcessor(model_file=vocab.local_copy(cfg.data.vocab_path))
     packer = Packer(cfg.train.seq_len, cfg.data.long_docs)
     rows: list[np.ndarray] = []
@@ -136,6 +146,10 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
         rows.extend(packer.add(targets))
     rows.extend(packer.finish())
     task.source.rejects.close()
+    if task.source.rejects.first_error:
+        # Strict mode: no rows, no stats; the driver reports this and stops.
+        _write_bytes(os.path.join(root, name + ".error"), task.source.rejects.first_error.encode())
+        return {"error": task.source.rejects.first_error}
     _write_rows(os.path.join(root, name), rows)
     stats = {
         "task": task_name,
@@ -175,6 +189,7 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
     checksum = vocab.checksum(vocab.read_model(cfg.data.vocab_path))
     items = work_items(cfg)
     options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
+    _take_errors(cfg, items)  # stale reports of an earlier strict run
     with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline
@@ -182,12 +197,28 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
             | "reshuffle" >> beam.Reshuffle()
             | "prepare shard" >> beam.MapTuple(lambda task, i, n: prepare_shard(cfg, task, i, n))
         )
+    errors = _take_errors(cfg, items)
+    if errors:  # strict mode: report the first bad record found
+        raise BadInputError(errors[0])
     # Every shard's stats file is the record of its completion, whichever runner ran it.
     stats = [
         _read_json(os.path.join(cfg.data.prepared_dir, shard_name(*item) + ".json"))
         for item in items
     ]
     return write_manifest(cfg, stats, checksum)
+
+
+def _take_errors(cfg: Config, items: list[tuple[str, int, int]]) -> list[str]:
+    """Reads and removes the strict-mode error reports of the work items, in item order."""
+    messages = []
+    for item in items:
+        path = os.path.join(cfg.data.prepared_dir, shard_name(*item) + ".error")
+        if _exists(path):
+            with fsspec.open(path, "r") as f:
+                messages.append(f.read())
+            fs, inner = fsspec.core.url_to_fs(path)
+            fs.rm(inner)
+    return messages
 
 
 def write_manifest(cfg: Config, shard_stats: list[dict], vocab_checksum: str) -> dict:

@@ -17,20 +17,20 @@ class BadInputError(TptError):
 
 
 class RejectLog:
-    """Collects rejected records. Not thread-safe: one per worker, merged with `merge`."""
+    """Collects the rejected records of one worker (not thread-safe)."""
 
     def __init__(self, strict: bool = False, path: str | None = None):
         self.strict = strict
         self.path = path
         self.counts: collections.Counter[str] = collections.Counter()
+        self.first_error: str | None = None  # set in strict mode, for callers behind tf.data
         self._file = None
 
     def reject(self, source: str, line: int | None, reason: str) -> None:
         where = f"{source}:{line}" if line is not None else source
         if self.strict:
-            raise BadInputError(
-                f"{where}: {reason} (data.strict=true stops at the first bad record)"
-            )
+            self.first_error = f"{where}: {reason} (data.strict=true stops at the first bad record)"
+            raise BadInputError(self.first_error)
         self.counts[reason.split(":")[0]] += 1
         if self.path is not None:
             if self._file is None:

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tpt_jax.config import CorpusConfig, DataConfig
 from tpt_jax.data import readers, vocab
-from tpt_jax.data.rejects import RejectLog
+from tpt_jax.data.rejects import BadInputError, RejectLog
 
 SPLIT = "train"
 
@@ -48,7 +48,17 @@ class CorpusSource(seqio.DataSource):
         return self._files
 
     def documents(self, files: list[str]):
-        """(text, thinking) of every usable record of `files`, rejecting the unusable ones."""
+        """(text, thinking) of every usable record of `files`, rejecting the unusable ones.
+
+        In strict mode the first bad record ends the stream (an exception would only reach the
+        caller wrapped by tf.data); the caller finds it in `rejects.first_error`.
+        """
+        try:
+            yield from self._documents(files)
+        except BadInputError:
+            return
+
+    def _documents(self, files: list[str]):
         for path in files:
             for line, record in readers.read_records(path, self.rejects):
                 doc = readers.to_document(record, self.corpus, path, line, self.rejects)
