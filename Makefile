@@ -26,6 +26,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/loader.py
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache .ruff_cache

@@ -103,7 +103,7 @@ def _cmd_vocab(args: argparse.Namespace) -> None:
     import itertools
 
     from tpt_jax.data import readers, vocab
-    from tpt_jax.data.rejects import RejectLog
+    from tpt_jax.data.rejects import BadInputError, RejectLog
 
     cfg = _load(args)
     out = args.out or cfg.data.vocab_path
@@ -114,21 +114,28 @@ def _cmd_vocab(args: argparse.Namespace) -> None:
     rejects = RejectLog(strict=cfg.data.strict)
 
     def texts():
-        for corpus in cfg.data.corpora:
-            docs = itertools.islice(readers.read_corpus(corpus, rejects), args.sample_docs)
-            for doc in docs:
-                yield doc.text
-                if doc.thinking:
-                    yield doc.thinking
+        # SentencePiece calls this from C++: a strict-mode error ends the stream, reported below.
+        try:
+            for corpus in cfg.data.corpora:
+                docs = itertools.islice(readers.read_corpus(corpus, rejects), args.sample_docs)
+                for doc in docs:
+                    yield doc.text
+                    if doc.thinking:
+                        yield doc.thinking
+        except BadInputError:
+            return
 
-    digest = vocab.train(
+    model = vocab.train(
         texts(),
-        out,
+        None,
         vocab_size=args.vocab_size,
         model_type=args.model_type,
         byte_fallback=not args.no_byte_fallback,
         user_defined_symbols=args.symbols.split(",") if args.symbols else (),
     )
+    if rejects.first_error:
+        raise BadInputError(rejects.first_error)  # nothing written
+    digest = vocab.write(out, model)
     print(f"vocab: wrote {out} ({digest}); input: {rejects.summary()}")
 
 
@@ -233,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (argparse leaves those over).
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
     if extra:
         if args.command != "prepare" or not all(a.startswith("--") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

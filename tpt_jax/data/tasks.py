@@ -121,7 +121,6 @@ def make_task(name: str, corpus: CorpusConfig, tpt: bool, template: str, sp_voca
             seqio.preprocessors.tokenize,
             seqio.preprocessors.append_eos,
         ],
-        shuffle_buffer_size=None,
     )
 
 

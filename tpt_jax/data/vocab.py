@@ -61,17 +61,18 @@ def local_copy(path: str) -> str:
 
 def train(
     texts: Iterable[str],
-    out_path: str,
+    out_path: str | None,
     vocab_size: int,
     model_type: str = "unigram",
     byte_fallback: bool = True,
     user_defined_symbols: Sequence[str] = THINK_TAGS,
     max_sentence_length: int = 16384,
-) -> str:
-    """Trains a SentencePiece model on `texts` and writes it to out_path (local or gs://).
+) -> str | bytes:
+    """Trains a SentencePiece model on `texts`.
 
     Returns:
-        the model's checksum.
+        the model's checksum, after writing it to out_path (local or gs://); or, with
+        out_path=None, the model's bytes.
     """
     import sentencepiece as spm
 
@@ -97,6 +98,11 @@ def train(
     except RuntimeError as e:
         raise VocabError(f"SentencePiece training failed: {e}") from None
     model = buffer.getvalue()
+    return model if out_path is None else write(out_path, model)
+
+
+def write(out_path: str, model: bytes) -> str:
+    """Writes a model (local or gs://); returns its checksum."""
     with fsspec.open(out_path, "wb", auto_mkdir=True) as f:
         f.write(model)
     return checksum(model)
