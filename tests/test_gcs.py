@@ -62,3 +62,18 @@ data:
     assert gcs.exists("bucket/prepared/g_tpt/00000-of-00001.array_record")
     stored = json.loads(gcs.cat("bucket/prepared/manifest.json"))
     assert stored == manifest
+
+
+def test_array_record_corpus_on_gcs(gcs, tmp_path):
+    from array_record.python import array_record_module
+
+    local = tmp_path / "r.array_record"
+    writer = array_record_module.ArrayRecordWriter(str(local), "group_size:1")
+    for i in range(3):
+        writer.write(json.dumps({"text": f"record {i}"}).encode())
+    writer.close()
+    gcs.put_file(str(local), "bucket/ar/r.array_record")
+    docs = list(
+        read_corpus(CorpusConfig(name="a", paths=["gs://bucket/ar/*.array_record"]), RejectLog())
+    )
+    assert [d.text for d in docs] == ["record 0", "record 1", "record 2"]

@@ -43,7 +43,9 @@ def test_vocab_train_cli(tmp_path):
     assert "</think>" in sp.encode("b </think>", out_type=str)
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2)
     strict = subprocess.run(
-        [*args, "--out", str(tmp_path / "strict.model"), "data.strict=true"], capture_output=True, text=True
+        [*args, "--out", str(tmp_path / "strict.model"), "data.strict=true"],
+        capture_output=True,
+        text=True,
     )
     assert strict.returncode == 2 and "c.jsonl:201: malformed JSON" in strict.stderr
     assert not (tmp_path / "strict.model").exists()

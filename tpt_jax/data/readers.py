@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import fsspec
@@ -148,18 +149,25 @@ def _parquet(path: str) -> Iterator[tuple[int, dict]]:
 def _array_record(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
     from array_record.python import array_record_module
 
-    if "://" in path:
-        raise OSError("ArrayRecord corpora are read from local paths; copy the shards first")
-    reader = array_record_module.ArrayRecordReader(path)
+    local = path
+    if "://" in path:  # the reader needs a local file: stage a copy for the duration
+        fs, inner = fsspec.core.url_to_fs(path)
+        handle, local = tempfile.mkstemp(suffix=".array_record")
+        os.close(handle)
+        fs.get_file(inner, local)
+    reader = array_record_module.ArrayRecordReader(local)
     try:
-        for start in range(0, reader.num_records(), 1024):
-            chunk = reader.read(list(range(start, min(start + 1024, reader.num_records()))))
+        total = reader.num_records()
+        for start in range(0, total, 1024):
+            chunk = reader.read(list(range(start, min(start + 1024, total))))
             for offset, raw in enumerate(chunk):
                 record = _decode(raw, path, start + offset + 1, rejects)
                 if record is not None:
                     yield start + offset + 1, record
     finally:
         reader.close()
+        if local != path:
+            os.remove(local)
 
 
 def to_document(
