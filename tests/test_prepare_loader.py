@@ -277,3 +277,23 @@ def test_strict_prepare_stops_naming_file_and_line(tmp_path):
     lenient = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert lenient.returncode == 0, lenient.stderr
     assert "toy_tpt: 306 documents" in lenient.stdout and "57 rejected" in lenient.stdout
+
+
+def test_missing_input_path_is_reported(prepared, tmp_path):
+    from tpt_jax.data.prepare import run_prepare
+    from tpt_jax.data.rejects import BadInputError
+
+    root, _, _ = prepared
+    nowhere = str(tmp_path / "nowhere" / "*.jsonl")
+    cfg = _config(root, prepared="with_missing")
+    corpus = {"name": "toy", "paths": [f"{root}/c0.jsonl", nowhere]}
+    cfg = load_config(str(root / "cfg.yaml"), [f"data.corpora=[{json.dumps(corpus)}]"])
+    manifest = run_prepare(cfg)
+    assert manifest["missing_inputs"] == [nowhere]
+    assert manifest["tasks"]["toy_vanilla"]["documents"] == 120
+    strict = load_config(
+        str(root / "cfg.yaml"), [f"data.corpora=[{json.dumps(corpus)}]", "data.strict=true"]
+    )
+    with pytest.raises(BadInputError, match=r"nowhere.*missing file"):
+        run_prepare(strict)
+    _config(root)

@@ -165,18 +165,26 @@ def _prepare(cfg: Config, task, name: str, index: int, count: int, expected_hash
     return {**stats, "skipped": False}
 
 
-def work_items(cfg: Config) -> list[tuple[str, int, int]]:
-    """(task, input file index, input file count) for every task of the mixture."""
-    from tpt_jax.data import tasks
+def work_items(cfg: Config) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(task, input file index, input file count) for every task of the mixture, and the input
+    paths that match no file (skipped; with data.strict the run stops)."""
+    from tpt_jax.data import readers, tasks
 
     registered = {t.name: t for t in tasks.register(cfg.data)[0]}
-    items = []
+    items, missing = [], []
     for task_name in dict.fromkeys(m.task for m in cfg.data.mixture):
-        files = registered[task_name].source.list_shards("train")
+        source = registered[task_name].source
+        for pattern in source.corpus.paths:
+            if pattern not in missing and not readers.expand([pattern], RejectLog()):
+                RejectLog(strict=cfg.data.strict).reject(
+                    pattern, None, "missing file: no file matches this path"
+                )
+                missing.append(pattern)
+        files = source.list_shards("train")
         if not files:
             raise PreparedDataError(f"task {task_name}: its corpus paths match no file")
         items.extend((task_name, i, len(files)) for i in range(len(files)))
-    return items
+    return items, missing
 
 
 def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
@@ -187,7 +195,7 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
     if not cfg.data.prepared_dir:
         raise PreparedDataError("data.prepared_dir is empty: set where prepared shards go")
     checksum = vocab.checksum(vocab.read_model(cfg.data.vocab_path))
-    items = work_items(cfg)
+    items, missing = work_items(cfg)
     options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
     _take_errors(cfg, items)  # stale reports of an earlier strict run
     with beam.Pipeline(options=options) as pipeline:
@@ -205,7 +213,7 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
         _read_json(os.path.join(cfg.data.prepared_dir, shard_name(*item) + ".json"))
         for item in items
     ]
-    return write_manifest(cfg, stats, checksum)
+    return write_manifest(cfg, stats, checksum, missing)
 
 
 def _take_errors(cfg: Config, items: list[tuple[str, int, int]]) -> list[str]:
@@ -221,7 +229,9 @@ def _take_errors(cfg: Config, items: list[tuple[str, int, int]]) -> list[str]:
     return messages
 
 
-def write_manifest(cfg: Config, shard_stats: list[dict], vocab_checksum: str) -> dict:
+def write_manifest(
+    cfg: Config, shard_stats: list[dict], vocab_checksum: str, missing_inputs: Sequence[str] = ()
+) -> dict:
     per_task: dict[str, dict] = {}
     for stats in sorted(shard_stats, key=lambda s: s["file"]):
         entry = per_task.setdefault(
@@ -246,6 +256,7 @@ def write_manifest(cfg: Config, shard_stats: list[dict], vocab_checksum: str) ->
         "vocab_checksum": vocab_checksum,
         "config_hash": config_hash(cfg),
         "tasks": per_task,
+        "missing_inputs": list(missing_inputs),
     }
     _write_bytes(
         os.path.join(cfg.data.prepared_dir, MANIFEST), json.dumps(manifest, indent=1).encode()
@@ -257,6 +268,8 @@ def summarize(manifest: dict) -> str:
     lines = [
         f"prepared {len(manifest['tasks'])} task(s), seq_len {manifest['seq_len']}, vocab {manifest['vocab_checksum'][:19]}"
     ]
+    for path in manifest.get("missing_inputs", []):
+        lines.append(f"  skipped input path matching no file: {path}")
     for name, t in manifest["tasks"].items():
         lines.append(
             f"  {name}: {t['documents']:,} documents, {t['rows']:,} rows, {t['tokens']:,} tokens, "

@@ -44,7 +44,8 @@ class CorpusSource(seqio.DataSource):
 
     def list_shards(self, split: str) -> list[str]:
         if self._files is None:
-            self._files = readers.expand(self.corpus.paths, self.rejects)
+            # Paths matching no file are reported once by the caller (prepare), not per shard.
+            self._files = readers.expand(self.corpus.paths, RejectLog())
         return self._files
 
     def documents(self, files: list[str]):
