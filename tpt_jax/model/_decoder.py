@@ -34,19 +34,23 @@ _REMAT_POLICIES = {
 
 
 class Decoder(nn.Module):
-    """Causal LM over packed rows.
+    """Causal LM over packed rows, with a key/value cache for generation.
 
     Call:
         tokens: int [B, T]; positions: int [B, T] (restart at 0 per segment; default arange);
         segment_ids: int [B, T] (attention stays within equal ids; default all ones).
+        kv_cache: optional (k, v), each [L, B, S, KV, D]; then T must be 1 and `lengths` [B]
+            gives each row's filled length (where the new token's key/value go).
     Returns:
-        logits float32 [B, T, V].
+        logits float32 [B, T, V]; with `keep_kv`, (logits, (k, v)) where k, v are [L, B, T, KV, D]
+        (prefill) or the updated cache (decode).
     """
 
     cfg: ModelConfig
+    keep_kv: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, kv_cache=None, lengths=None):
         c = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -60,17 +64,17 @@ class Decoder(nn.Module):
         x = jnp.take(table, tokens, axis=0).astype(dtype)
 
         block = DecoderLayer
-        if c.remat_policy != "none":
+        if c.remat_policy != "none" and kv_cache is None and not self.keep_kv:
             block = nn.remat(block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         stack = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(c, name="layers")(x, positions, segment_ids)
+        x, kv = stack(c, self.keep_kv, name="layers")(x, positions, segment_ids, kv_cache, lengths)
         x = RMSNorm(c, name="final_norm")(x)
 
         if c.tie_embeddings:
@@ -79,4 +83,5 @@ class Decoder(nn.Module):
             head = _param(
                 self, "lm_head", init, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c
             )
-        return contract(x, head.astype(dtype), 1, jnp.float32)
+        logits = contract(x, head.astype(dtype), 1, jnp.float32)
+        return (logits, kv) if self.keep_kv else logits

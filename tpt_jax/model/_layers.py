@@ -158,12 +158,18 @@ def causal_attention(q, k, v, segment_ids, block: int):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE, optional q/k/v bias and q/k RMSNorm."""
+    """Grouped-query self-attention with RoPE, optional q/k/v bias and q/k RMSNorm.
+
+    Without `cache`, attends causally over the packed row and returns (out, (k, v)) so that a
+    prefill can keep its keys and values. With `cache` = (k_cache, v_cache) [B, S, KV, D] and
+    `lengths` [B], x holds one new token per row: its key/value are written at index
+    lengths[b], and it attends to cache positions 0..lengths[b].
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, cache=None, lengths=None):
         c = self.cfg
         e, h, kv, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.resolved_head_dim
         q = Projection(c, (e,), (h, d), ("embed", "q_heads", "head_dim"), c.qkv_bias, name="q")(x)
@@ -175,8 +181,18 @@ class Attention(nn.Module):
         inv_freq = inverse_frequencies(c)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        out = causal_attention(q, k, v, segment_ids, c.attention_block)
-        return Projection(c, (h, d), (e,), ("q_heads", "head_dim", "embed"), name="o")(out)
+        if cache is None:
+            out = causal_attention(q, k, v, segment_ids, c.attention_block)
+            new_cache = (k, v)
+        else:
+            rows = jnp.arange(x.shape[0])
+            k_cache = cache[0].at[rows, lengths].set(k[:, 0].astype(cache[0].dtype))
+            v_cache = cache[1].at[rows, lengths].set(v[:, 0].astype(cache[1].dtype))
+            visible = jnp.arange(k_cache.shape[1])[None, :] <= lengths[:, None]
+            out = grouped_attention(q, k_cache, v_cache, visible[:, None, :])
+            new_cache = (k_cache, v_cache)
+        out = Projection(c, (h, d), (e,), ("q_heads", "head_dim", "embed"), name="o")(out)
+        return out, new_cache
 
 
 class MLP(nn.Module):
@@ -194,14 +210,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Scan-shaped: (carry, _) -> (carry, None)."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
+
+    Scan-shaped: (x, ..., cache) -> (x, kv). `kv` is this layer's keys and values (the updated
+    cache when decoding) if `keep_kv`, else None, so training keeps nothing extra.
+    """
 
     cfg: ModelConfig
+    keep_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
-        h = x + Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="input_norm")(x), positions, segment_ids
+    def __call__(self, x, positions, segment_ids, cache=None, lengths=None):
+        attn, kv = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="input_norm")(x), positions, segment_ids, cache, lengths
         )
+        h = x + attn
         out = h + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(h))
-        return out, None
+        return out, (kv if self.keep_kv else None)

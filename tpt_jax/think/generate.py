@@ -1,0 +1,126 @@
+"""Batched prefill and decode over the decoder's key/value cache (pure, jit-able functions).
+
+A decode state holds, per slot, the cache of its request and its filled length; one decode step
+advances every slot by one token. The JetStream-compatible engine and the offline driver build on
+these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tpt_jax.config import ModelConfig
+from tpt_jax.model import Decoder
+from tpt_jax.think.sampling import sample
+
+
+def prefill(params: dict, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array):
+    """Runs right-padded prompts [B, T] of `lengths` [B].
+
+    Returns:
+        (logits of each prompt's last token [B, V], (k, v) each [L, B, T, KV, D]).
+    """
+    segment_ids = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+    logits, kv = Decoder(cfg, keep_kv=True).apply({"params": params}, tokens, None, segment_ids)
+    last = logits[jnp.arange(tokens.shape[0]), lengths - 1]
+    return last, kv
+
+
+def decode(params: dict, cfg: ModelConfig, cache, lengths: jax.Array, tokens: jax.Array):
+    """One token per slot: tokens [B] at positions `lengths` [B] -> (logits [B, V], new cache)."""
+    logits, cache = Decoder(cfg, keep_kv=True).apply(
+        {"params": params},
+        tokens[:, None],
+        lengths[:, None],
+        jnp.ones_like(tokens)[:, None],
+        kv_cache=cache,
+        lengths=lengths,
+    )
+    return logits[:, 0], cache
+
+
+def empty_cache(cfg: ModelConfig, slots: int, max_len: int):
+    shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def _bucket(length: int) -> int:
+    """Prompt lengths are padded to powers of two (at least 16) so prefill compiles a few times."""
+    return max(16, 1 << (length - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _prefill(params, cfg, tokens, lengths):
+    return prefill(params, cfg, tokens, lengths)
+
+
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
+def _decode_and_sample(params, cfg, cache, lengths, tokens, keys, temperature, top_k, top_p):
+    logits, cache = decode(params, cfg, cache, lengths, tokens)
+    return sample(logits, keys, temperature, top_k, top_p), cache
+
+
+def generate(
+    params: dict,
+    cfg: ModelConfig,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
+    eos_id: int | None = None,
+) -> list[list[int]]:
+    """Generates for a batch of prompts (different lengths) until EOS or max_new_tokens.
+
+    Returns the new tokens of each prompt (EOS included when produced).
+    """
+    batch = len(prompts)
+    per_row = sampling if isinstance(sampling, list) else [sampling] * batch
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = _bucket(int(lengths.max()))
+    tokens = np.zeros((batch, width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    last, (k, v) = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths))
+    max_len = width + max_new_tokens
+    cache = tuple(
+        empty.at[:, :, :width].set(x)
+        for empty, x in zip(empty_cache(cfg, batch, max_len), (k, v), strict=True)
+    )
+    temperature = jnp.array([s.temperature for s in per_row], jnp.float32)
+    top_k = jnp.array([s.top_k for s in per_row], jnp.int32)
+    top_p = jnp.array([s.top_p for s in per_row], jnp.float32)
+    base_keys = [jax.random.key(s.seed) for s in per_row]
+
+    def keys_at(step):
+        return jnp.stack([jax.random.fold_in(k, step) for k in base_keys])
+
+    first = sample(last, keys_at(0), temperature, top_k, top_p)
+    out = [[int(t)] for t in np.asarray(first)]
+    done = np.array([eos_id is not None and row[-1] == eos_id for row in out])
+    current, positions = first, jnp.asarray(lengths)
+    for step in range(1, max_new_tokens):
+        if done.all():
+            break
+        current, cache = _decode_and_sample(
+            params, cfg, cache, positions, current, keys_at(step), temperature, top_k, top_p
+        )
+        positions = positions + 1
+        for i, t in enumerate(np.asarray(current)):
+            if not done[i]:
+                out[i].append(int(t))
+                done[i] = eos_id is not None and int(t) == eos_id
+    return out
