@@ -73,7 +73,7 @@ def test_continuous_batching_matches_generating_alone(params):
     engine = TptEngine(
         CFG, params, max_concurrent_decodes=2, max_prefill_length=32, max_target_length=64
     )
-    got = _run(engine, params, requests, steps=100)
+    got = _run(engine, engine.load_params(), requests, steps=100)
     for (prompt, budget, sampling), tokens in zip(requests, got, strict=True):
         assert tokens == generate(params, CFG, [prompt], budget, sampling)[0]
 
@@ -82,7 +82,9 @@ def test_engine_api_surface(params):
     engine = TptEngine(
         CFG, max_concurrent_decodes=4, max_prefill_length=64, tokenizer_path="/x.model"
     )
-    assert engine.load_params(params) is params
+    loaded = engine.load_params(params)
+    assert isinstance(loaded["layers"], list) and len(loaded["layers"]) == CFG.num_layers
+    assert engine.load_params() is loaded
     assert (engine.max_concurrent_decodes, engine.samples_per_slot, engine.max_prefill_length) == (
         4,
         1,

@@ -83,3 +83,20 @@ def test_top_k_and_top_p_exclude_tokens():
     )(keys)
     assert set(np.unique(np.asarray(draws))) <= {0, 1}
     assert SamplingParams().temperature == 0.0
+
+
+def test_filter_falls_back_to_a_full_sort_when_candidates_are_not_enough():
+    from tpt_jax.think import sampling
+
+    flat = jnp.zeros((2, 1000), jnp.float32)  # uniform: the top 256 hold 25.6% of the mass
+    kept = filter_logits(flat, jnp.array([0, 300]), jnp.array([0.5, 1.0]))
+    counts = np.isfinite(np.asarray(kept)).sum(axis=1)
+    # Ties keep every equal logit; what matters is that nothing is cut at the 256 candidates.
+    assert counts.tolist() == [1000, 1000]
+    decreasing = -0.002 * jnp.arange(1000, dtype=jnp.float32)[None]  # distinct logits
+    kept = filter_logits(decreasing, jnp.array([300]), jnp.array([1.0]))
+    assert int(np.isfinite(np.asarray(kept)).sum()) == 300 > sampling.CANDIDATES
+    probs = np.exp(np.asarray(decreasing[0])) / np.exp(np.asarray(decreasing[0])).sum()
+    nucleus = int(np.searchsorted(np.cumsum(probs), 0.9) + 1)  # tokens needed to reach 0.9
+    kept = filter_logits(decreasing, jnp.array([0]), jnp.array([0.9]))
+    assert int(np.isfinite(np.asarray(kept)).sum()) == nucleus > sampling.CANDIDATES

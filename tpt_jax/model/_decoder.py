@@ -34,23 +34,20 @@ _REMAT_POLICIES = {
 
 
 class Decoder(nn.Module):
-    """Causal LM over packed rows, with a key/value cache for generation.
+    """Causal LM over packed rows (training, evaluation). Generation runs the same layers one by
+    one over a key/value cache (`tpt_jax.think.generate`).
 
     Call:
         tokens: int [B, T]; positions: int [B, T] (restart at 0 per segment; default arange);
         segment_ids: int [B, T] (attention stays within equal ids; default all ones).
-        kv_cache: optional (k, v), each [L, B, S, KV, D]; then T must be 1 and `lengths` [B]
-            gives each row's filled length (where the new token's key/value go).
     Returns:
-        logits float32 [B, T, V]; with `keep_kv`, (logits, (k, v)) where k, v are [L, B, T, KV, D]
-        (prefill) or the updated cache (decode).
+        logits float32 [B, T, V].
     """
 
     cfg: ModelConfig
-    keep_kv: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, kv_cache=None, lengths=None):
+    def __call__(self, tokens, positions=None, segment_ids=None):
         c = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -64,17 +61,17 @@ class Decoder(nn.Module):
         x = jnp.take(table, tokens, axis=0).astype(dtype)
 
         block = DecoderLayer
-        if c.remat_policy != "none" and kv_cache is None and not self.keep_kv:
+        if c.remat_policy != "none":
             block = nn.remat(block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         stack = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, kv = stack(c, self.keep_kv, name="layers")(x, positions, segment_ids, kv_cache, lengths)
+        x, _ = stack(c, name="layers")(x, positions, segment_ids)
         x = RMSNorm(c, name="final_norm")(x)
 
         if c.tie_embeddings:
@@ -83,5 +80,4 @@ class Decoder(nn.Module):
             head = _param(
                 self, "lm_head", init, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c
             )
-        logits = contract(x, head.astype(dtype), 1, jnp.float32)
-        return (logits, kv) if self.keep_kv else logits
+        return contract(x, head.astype(dtype), 1, jnp.float32)

@@ -157,13 +157,30 @@ def causal_attention(q, k, v, segment_ids, block: int):
     return _seq_major(jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0])
 
 
+def _decode_attention(q, k, v, cache, lengths):
+    """One new token per row against a heads-major cache; returns (out [B, 1, H, D], new cache)."""
+    b, _, h, d = q.shape
+    k_cache, v_cache = cache
+    kv = k_cache.shape[1]
+    rows = jnp.arange(b)
+    k_cache = k_cache.at[rows, :, lengths].set(k[:, 0].astype(k_cache.dtype))
+    v_cache = v_cache.at[rows, :, lengths].set(v[:, 0].astype(v_cache.dtype))
+    qg = q.reshape(b, kv, h // kv, d)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
+    visible = jnp.arange(k_cache.shape[2])[None, :] <= lengths[:, None]
+    scores = jnp.where(visible[:, None, None], scores * (d**-0.5), _MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache)
+    return out.reshape(b, 1, h, d), (k_cache, v_cache)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v bias and q/k RMSNorm.
 
     Without `cache`, attends causally over the packed row and returns (out, (k, v)) so that a
-    prefill can keep its keys and values. With `cache` = (k_cache, v_cache) [B, S, KV, D] and
-    `lengths` [B], x holds one new token per row: its key/value are written at index
-    lengths[b], and it attends to cache positions 0..lengths[b].
+    prefill can keep its keys and values ([B, T, KV, D]). With `cache` = (k_cache, v_cache),
+    heads-major [B, KV, S, D], and `lengths` [B], x holds one new token per row: its key/value
+    are written at position lengths[b], and it attends to cache positions 0..lengths[b].
     """
 
     cfg: ModelConfig
@@ -185,12 +202,7 @@ class Attention(nn.Module):
             out = causal_attention(q, k, v, segment_ids, c.attention_block)
             new_cache = (k, v)
         else:
-            rows = jnp.arange(x.shape[0])
-            k_cache = cache[0].at[rows, lengths].set(k[:, 0].astype(cache[0].dtype))
-            v_cache = cache[1].at[rows, lengths].set(v[:, 0].astype(cache[1].dtype))
-            visible = jnp.arange(k_cache.shape[1])[None, :] <= lengths[:, None]
-            out = grouped_attention(q, k_cache, v_cache, visible[:, None, :])
-            new_cache = (k_cache, v_cache)
+            out, new_cache = _decode_attention(q, k, v, cache, lengths)
         out = Projection(c, (h, d), (e,), ("q_heads", "head_dim", "embed"), name="o")(out)
         return out, new_cache
 

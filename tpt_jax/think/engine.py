@@ -27,7 +27,7 @@ if not hasattr(jax, "tree_map"):
 from jetstream.engine import engine_api, tokenizer_pb2
 
 from tpt_jax.config import ModelConfig
-from tpt_jax.think.generate import SamplingParams, decode, empty_cache, prefill
+from tpt_jax.think.generate import SamplingParams, decode, empty_cache, prefill, unstack_layers
 from tpt_jax.think.sampling import sample
 
 
@@ -71,20 +71,23 @@ class TptEngine(engine_api.Engine):
     # --- JetStream API -------------------------------------------------------------------------
 
     def load_params(self, *args, **kwargs) -> Any:
+        """The parameters in the engine's layout (layers unstacked): pass these to prefill/generate."""
         if args:
             self._params = args[0]
         if self._params is None:
             raise ValueError(
                 "TptEngine has no parameters: pass them to the constructor or load_params"
             )
+        if not isinstance(self._params["layers"], list):
+            self._params = jax.device_put(unstack_layers(self._params))
         return self._params
 
     def init_decode_state(self, *args, **kwargs) -> dict:
         slots = self._slots
-        k, v = empty_cache(self.cfg, slots, self._max_target)
         return {
-            "k": k,
-            "v": v,
+            "cache": empty_cache(
+                self.cfg, slots, self._max_target
+            ),  # per layer (k, v) [S, KV, T, D]
             "lengths": jnp.zeros(slots, jnp.int32),  # cache positions filled
             "tokens": jnp.zeros(slots, jnp.int32),  # the token each slot emits next
             "generated": jnp.zeros(slots, jnp.int32),
@@ -163,14 +166,13 @@ class TptEngine(engine_api.Engine):
     # --- compiled bodies -----------------------------------------------------------------------
 
     def _prefill_impl(self, params, tokens, length, temperature, top_k, top_p, key):
-        last, (k, v) = prefill(params, self.cfg, tokens, length)
+        last, kv = prefill(params, self.cfg, tokens, length)
         # Token i of a request is drawn with fold_in(key(seed), i), as in `generate`.
         first = sample(
             last, jax.random.fold_in(key, 0)[None], temperature[None], top_k[None], top_p[None]
         )[0]
         return {
-            "k": k[:, 0],
-            "v": v[:, 0],
+            "kv": [(k[0], v[0]) for k, v in kv],  # per layer, [KV, T, D] each
             "length": length[0],
             "token": first,
             "temperature": temperature,
@@ -180,13 +182,14 @@ class TptEngine(engine_api.Engine):
         }
 
     def _insert_impl(self, prefix, state, slot):
-        width = prefix["k"].shape[1]
-        zeros = jnp.zeros_like(state["k"][:, slot])
-        k = state["k"].at[:, slot].set(zeros.at[:, :width].set(prefix["k"]))
-        v = state["v"].at[:, slot].set(zeros.at[:, :width].set(prefix["v"]))
+        def place(cache, new):  # the slot's old contents are cleared, then the prompt written
+            return cache.at[slot].set(jnp.zeros_like(cache[slot]).at[:, : new.shape[1]].set(new))
+
         return {
-            "k": k,
-            "v": v,
+            "cache": [
+                (place(k, new_k), place(v, new_v))
+                for (k, v), (new_k, new_v) in zip(state["cache"], prefix["kv"], strict=True)
+            ],
             "lengths": state["lengths"].at[slot].set(prefix["length"]),
             "tokens": state["tokens"].at[slot].set(prefix["token"]),
             "generated": state["generated"].at[slot].set(0),
@@ -202,14 +205,13 @@ class TptEngine(engine_api.Engine):
         generated = state["generated"] + 1
         # Inactive slots still compute (fixed shapes); their position is clamped into the cache.
         positions = jnp.minimum(state["lengths"], self._max_target - 1)
-        logits, (k, v) = decode(params, self.cfg, (state["k"], state["v"]), positions, emitted)
+        logits, cache = decode(params, self.cfg, state["cache"], positions, emitted)
         step_keys = jax.vmap(jax.random.fold_in)(state["keys"], generated)
         following = sample(logits, step_keys, state["temperature"], state["top_k"], state["top_p"])
         data = jnp.stack([emitted, state["active"].astype(jnp.int32), generated], axis=1)
         new_state = dict(
             state,
-            k=k,
-            v=v,
+            cache=cache,
             lengths=state["lengths"] + 1,
             tokens=following,
             generated=generated,

@@ -15,38 +15,80 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpt_jax.config import ModelConfig
-from tpt_jax.model import Decoder
+from tpt_jax.model._layers import DecoderLayer, RMSNorm, contract
 from tpt_jax.think.sampling import sample
 
 
-def prefill(params: dict, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array):
-    """Runs right-padded prompts [B, T] of `lengths` [B].
+def unstack_layers(params: dict) -> dict:
+    """The decoder's parameters with the stacked layer axis split into a list of layers.
+
+    Generation runs layer by layer over this layout: reading a layer out of the stacked arrays at
+    every step would copy its weights (CPU XLA does not feed a slice to a matmul in place), which
+    costs more than the decode step itself.
+    """
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)]}
+
+
+def forward(
+    params: dict, cfg: ModelConfig, tokens, positions, segment_ids, cache=None, lengths=None
+):
+    """The decoder over unstacked parameters (`unstack_layers`), keeping keys and values.
 
     Returns:
-        (logits of each prompt's last token [B, V], (k, v) each [L, B, T, KV, D]).
+        (logits float32 [B, T, V], per-layer list of (k, v)): the prompt's keys and values
+        [B, T, KV, D] without `cache`, else the updated heads-major caches [B, KV, S, D].
     """
-    segment_ids = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
-    logits, kv = Decoder(cfg, keep_kv=True).apply({"params": params}, tokens, None, segment_ids)
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.take(params["embedding"], tokens, axis=0).astype(dtype)
+    layer = DecoderLayer(cfg, keep_kv=True)
+    new_cache = []
+    for i, layer_params in enumerate(params["layers"]):
+        layer_cache = None if cache is None else cache[i]
+        x, kv = layer.apply(
+            {"params": layer_params}, x, positions, segment_ids, layer_cache, lengths
+        )
+        new_cache.append(kv)
+    x = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
+    head = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+    return contract(x, head.astype(dtype), 1, jnp.float32), new_cache
+
+
+def prefill(params: dict, cfg: ModelConfig, tokens: jax.Array, lengths: jax.Array):
+    """Runs right-padded prompts [B, T] of `lengths` [B] (unstacked parameters).
+
+    Returns:
+        (logits of each prompt's last token [B, V], per-layer list of heads-major (k, v), each
+        [B, KV, T, D]).
+    """
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    logits, kv = forward(params, cfg, tokens, positions, segment_ids)
     last = logits[jnp.arange(tokens.shape[0]), lengths - 1]
-    return last, kv
+    return last, [tuple(x.transpose(0, 2, 1, 3) for x in layer) for layer in kv]
 
 
 def decode(params: dict, cfg: ModelConfig, cache, lengths: jax.Array, tokens: jax.Array):
     """One token per slot: tokens [B] at positions `lengths` [B] -> (logits [B, V], new cache)."""
-    logits, cache = Decoder(cfg, keep_kv=True).apply(
-        {"params": params},
+    logits, cache = forward(
+        params,
+        cfg,
         tokens[:, None],
         lengths[:, None],
         jnp.ones_like(tokens)[:, None],
-        kv_cache=cache,
-        lengths=lengths,
+        cache,
+        lengths,
     )
     return logits[:, 0], cache
 
 
-def empty_cache(cfg: ModelConfig, slots: int, max_len: int):
-    shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
-    return (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+def empty_cache(cfg: ModelConfig, slots: int, max_len: int) -> list:
+    """Per-layer heads-major (k, v) caches, each [slots, KV, max_len, D]."""
+    shape = (slots, cfg.num_kv_heads, max_len, cfg.resolved_head_dim)
+    return [
+        (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +136,13 @@ def generate(
     tokens = np.zeros((batch, width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    last, (k, v) = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths))
+    params = unstack_layers(params)
+    last, kv = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths))
     max_len = width + max_new_tokens
-    cache = tuple(
-        empty.at[:, :, :width].set(x)
-        for empty, x in zip(empty_cache(cfg, batch, max_len), (k, v), strict=True)
-    )
+    cache = [
+        tuple(empty.at[:, :, :width].set(x) for empty, x in zip(layer_empty, layer_kv, strict=True))
+        for layer_empty, layer_kv in zip(empty_cache(cfg, batch, max_len), kv, strict=True)
+    ]
     temperature = jnp.array([s.temperature for s in per_row], jnp.float32)
     top_k = jnp.array([s.top_k for s in per_row], jnp.int32)
     top_p = jnp.array([s.top_p for s in per_row], jnp.float32)

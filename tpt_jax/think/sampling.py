@@ -5,7 +5,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_EXCLUDED = -jnp.inf
+# Top-k / top-p are decided among the most likely CANDIDATES tokens when that is exact for every
+# row (k <= CANDIDATES and the candidates hold the top-p mass); otherwise the whole vocabulary is
+# sorted. A full sort of [16, 32000] logits costs ~70 ms on a CPU, top-256 ~2 ms.
+CANDIDATES = 256
+
+
+def _threshold(ordered, logz, top_k, top_p):
+    """Smallest logit kept per row, from logits sorted in descending order [B, C]."""
+    width = ordered.shape[-1]
+    k = jnp.clip(top_k, 1, width)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    kth = jnp.where(top_k[:, None] > 0, kth, -jnp.inf)
+    probs = jnp.exp(ordered - logz)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
+    cutoff = jnp.min(jnp.where(before < top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
+    cutoff = jnp.where(top_p[:, None] < 1.0, cutoff, -jnp.inf)
+    return jnp.maximum(kth, cutoff)
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -18,15 +34,21 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
             tokens whose probability reaches top_p (the most likely token is always kept).
     """
     vocab = logits.shape[-1]
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
-    in_nucleus = before < top_p[:, None]
-    cutoff = jnp.min(jnp.where(in_nucleus, ordered, jnp.inf), axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, cutoff)
-    return jnp.where(logits >= threshold, logits, _EXCLUDED)
+    logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    candidates = jax.lax.top_k(logits, min(CANDIDATES, vocab))[0]
+    mass = jnp.sum(jnp.exp(candidates - logz), axis=-1)
+    exact = ((top_k == 0) | (top_k <= candidates.shape[-1])) & ((top_p >= 1.0) | (mass >= top_p))
+    threshold = jax.lax.cond(
+        jnp.all(exact),
+        lambda: _threshold(candidates, logz, top_k, top_p),
+        lambda: _threshold(jnp.sort(logits, axis=-1)[:, ::-1], logz, top_k, top_p),
+    )
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def _draw(logits, keys, temperature, top_k, top_p):
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    return jax.vmap(jax.random.categorical)(keys, filter_logits(scaled, top_k, top_p))
 
 
 def sample(
@@ -37,7 +59,9 @@ def sample(
     keys: one PRNG key per row, so a request's samples depend only on its own seed and step.
     """
     greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    filtered = filter_logits(scaled, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+    drawn = jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: _draw(logits, keys, temperature, top_k, top_p),
+        lambda: greedy,
+    )
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
