@@ -18,7 +18,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 # Sub-commands whose capability a later milestone delivers: name -> what is missing.
 _NOT_BUILT = {
-    "think": "thinking generation (JetStream engine, offline driver and backends)",
     "eval": "evaluation (held-out perplexity and few-shot chain-of-thought)",
     "sample": "sampling from a checkpoint (needs the JetStream-compatible engine)",
     "serve": "serving over JetStream gRPC",
@@ -91,6 +90,28 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(
         f"train: finished at step {result.final_step}, loss {result.last_loss:.4f}, run folder {result.run_dir}"
     )
+
+
+def _cmd_think(args: argparse.Namespace) -> None:
+    from tpt_jax.think.driver import run_think
+    from tpt_jax.think.summary import format_summary
+
+    cfg = _load(args)
+    if not (cfg.think.model_dir and cfg.think.output_dir and cfg.think.corpus.paths):
+        raise TptError("tpt think needs think.model_dir, think.output_dir and think.corpus.paths")
+    if args.shard:
+        try:
+            index, count = (int(x) for x in args.shard.split("/"))
+            assert 0 <= index < count
+        except (ValueError, AssertionError):
+            raise TptError(
+                f"--shard {args.shard!r} is not of the form i/n with 0 <= i < n"
+            ) from None
+    else:
+        import jax
+
+        index, count = jax.process_index(), jax.process_count()
+    print(format_summary(run_think(cfg, (index, count))))
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
@@ -168,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, help_text in (
-        ("think", "generate thinking trajectories for a corpus"),
         ("eval", "held-out perplexity and few-shot chain-of-thought evals"),
         ("sample", "generate from a checkpoint"),
         ("serve", "serve the engine over JetStream gRPC"),
@@ -183,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_prepare, beam_args=[])
     p.epilog = "Options this parser does not know (--runner=..., --project=...) go to Apache Beam."
+
+    p = sub.add_parser("think", help="generate thinking trajectories for a corpus (crash-safe)")
+    _add_config_args(p)
+    p.add_argument(
+        "--shard", default="", help="i/n: this worker's share (default: the JAX process)"
+    )
+    p.set_defaults(func=_cmd_think)
 
     p = sub.add_parser("vocab", help="train a SentencePiece vocabulary from the config's corpora")
     p.add_argument("action", choices=["train"])

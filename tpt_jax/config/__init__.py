@@ -12,6 +12,7 @@ from tpt_jax.config._schema import (
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
+    ThinkConfig,
     TrainConfig,
 )
 from tpt_jax.config._validate import mesh_shape, task_names, validate, validate_for_devices
@@ -27,6 +28,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "ScheduleConfig",
+    "ThinkConfig",
     "TrainConfig",
     "dump_yaml",
     "load_config",

@@ -251,6 +251,46 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ThinkConfig:
+    """Offline thinking generation (`tpt think`): one trajectory per document of `corpus`.
+
+    Attributes:
+        model_dir: the generator as written by `tpt convert from-hf` (with its tokenizer files).
+        corpus: the documents to augment.
+        output_dir: where augmented records go, one folder per shard, committed in chunks.
+        template: built-in template name (default, random_focus, back_thinking) or a file path.
+        chat_template: wrap the prompt in the model's chat template (assistant turn opened).
+        max_document_tokens: documents are cut to this many generator tokens in the prompt.
+        max_new_tokens: generation cap per document.
+        temperature, top_p, top_k, seed: sampling (paper: 0.6 and 0.9); each document draws with
+            a seed derived from `seed` and its id, so reruns are reproducible.
+        stop: strings that end a generation (not kept in the thinking).
+        on_length: a generation that hits the cap without a stop string is kept as is ("keep"),
+            written without thinking ("drop"), or cut back to its last complete line ("truncate").
+        chunk_size: finished documents per atomically committed output chunk.
+        max_concurrent_decodes: decode slots of the engine (continuous batching).
+        group_by: metadata field the summary and plot break thinking lengths down by.
+    """
+
+    model_dir: str = ""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    output_dir: str = ""
+    template: str = "default"
+    chat_template: bool = True
+    max_document_tokens: int = 2048
+    max_new_tokens: int = 8192
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    seed: int = 0
+    stop: list = field(default_factory=lambda: ["</think>"])
+    on_length: str = "keep"
+    chunk_size: int = 64
+    max_concurrent_decodes: int = 16
+    group_by: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     """Metrics output.
 
@@ -279,6 +319,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    think: ThinkConfig = field(default_factory=ThinkConfig)
     # Where each dotted key got its value ("configs/x.yaml", "override a.b=1"); filled by the
     # loader so that later checks (device count, checkpoint shapes) can name the file at fault.
     sources: dict = field(

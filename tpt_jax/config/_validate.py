@@ -113,6 +113,14 @@ def validate(cfg: schema.Config) -> None:
 
     _positive(cfg, "logging.log_every", cfg.logging.log_every)
 
+    th = cfg.think
+    _choice(cfg, "think.on_length", th.on_length, ("keep", "drop", "truncate"))
+    for key in ("max_document_tokens", "max_new_tokens", "chunk_size", "max_concurrent_decodes"):
+        _positive(cfg, f"think.{key}", getattr(th, key))
+    _positive(cfg, "think.temperature", th.temperature, allow_zero=True)
+    if not 0 < th.top_p <= 1:
+        _fail(cfg, "think.top_p", f"must lie in (0, 1], got {th.top_p}")
+
 
 def task_names(data: schema.DataConfig) -> list[str]:
     """The SeqIO task names the corpora define: <name>_vanilla, and <name>_tpt with thinking."""

@@ -1,0 +1,134 @@
+"""`tpt think`: crash safety under SIGKILL, exactly-once output, bad documents, summary and plot."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from think_fixtures import make_generator
+
+from tpt_jax.think.driver import committed_records, shard_folder
+from tpt_jax.think.tokenizer import GeneratorTokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("think")
+    make_generator(str(root / "gen"))
+    with open(root / "docs.jsonl", "wb") as f:
+        for i in range(40):
+            words = " ".join(
+                ["three apples cost six dollars", "the train speed", "so each step"][i % 3]
+                for _ in range(1 + i % 7)
+            )
+            f.write(
+                json.dumps(
+                    {"id": f"d{i}", "text": words, "domain": ["math", "physics"][i % 2]}
+                ).encode()
+                + b"\n"
+            )
+        f.write(b'{"id": "empty", "text": "   "}\n')
+        f.write(b'{"id": "bytes", "text": "caf\xe9"}\n')
+        long_text = " ".join(["apples"] * 500)
+        f.write(json.dumps({"id": "long", "text": long_text, "domain": "math"}).encode() + b"\n")
+    return root
+
+
+def _config(root, out, extra=""):
+    path = root / f"{out}.yaml"
+    path.write_text(
+        f"""
+think:
+  model_dir: {root}/gen
+  output_dir: {root}/{out}
+  corpus: {{name: docs, paths: ["{root}/docs.jsonl"], meta_fields: [domain]}}
+  max_document_tokens: 64
+  max_new_tokens: 24
+  temperature: 0.0
+  chunk_size: 4
+  max_concurrent_decodes: 4
+  group_by: domain
+{extra}"""
+    )
+    return str(path)
+
+
+def _think(config, *args):
+    return [sys.executable, "-m", "tpt_jax", "think", config, *args]
+
+
+def test_chat_template_and_truncation(setup):
+    tok = GeneratorTokenizer(str(setup / "gen"))
+    assert (
+        tok.chat("three apples")
+        == "<|im_start|>user\nthree apples<|im_end|>\n<|im_start|>assistant\n"
+    )
+    text, cut = tok.truncate("the train speed so each step", 3)
+    assert (text, cut) == ("the train speed", True)
+    assert tok.eos_id == tok.encode("<|im_end|>")[0]
+
+
+def test_sigkill_and_restart_give_every_document_once_with_the_same_text(setup):
+    reference = subprocess.run(
+        _think(_config(setup, "straight")), capture_output=True, text=True, timeout=600
+    )
+    assert reference.returncode == 0, reference.stderr
+    expected = {r["id"]: r for r in committed_records(shard_folder(str(setup / "straight"), 0, 1))}
+    assert len(expected) == 41  # 43 records: the empty and the non-UTF-8 one are rejected
+
+    config = _config(setup, "killed")
+    folder = shard_folder(str(setup / "killed"), 0, 1)
+    proc = subprocess.Popen(_think(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while (
+        time.time() < deadline
+        and len([n for n in os.listdir(folder)] if os.path.isdir(folder) else []) < 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = committed_records(folder)
+    assert 0 < len(partial) < 41, "the kill should land mid-run"
+    resumed = subprocess.run(_think(config), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    records = committed_records(folder)
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == 41 and set(ids) == set(expected)
+    for r in records:
+        assert r["thinking"] == expected[r["id"]]["thinking"], r["id"]
+        assert r["meta"]["finish_reason"] == expected[r["id"]]["meta"]["finish_reason"]
+
+
+def test_summary_plot_and_bad_documents(setup):
+    folder = shard_folder(str(setup / "straight"), 0, 1)
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["documents"] == 41 and set(summary["by_group"]) == {"math", "physics"}
+    assert sum(summary["finish_reasons"].values()) == 41
+    assert os.path.getsize(os.path.join(folder, "thinking_length.png")) > 1000
+    with open(os.path.join(folder, "rejects.tsv")) as f:
+        rejects = f.read()
+    assert "empty document" in rejects and "non-UTF-8" in rejects
+    long = next(r for r in committed_records(folder) if r["id"] == "long")
+    assert long["meta"]["document_truncated"] and long["text"].count("apples") == 500
+    assert long["meta"]["template"] == "default" and len(long["meta"]["template_sha256"]) == 64
+
+
+def test_shards_split_the_corpus(setup):
+    for i in range(2):
+        result = subprocess.run(
+            _think(_config(setup, "sharded"), "--shard", f"{i}/2"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr
+    ids = [
+        r["id"]
+        for i in range(2)
+        for r in committed_records(shard_folder(str(setup / "sharded"), i, 2))
+    ]
+    assert len(ids) == len(set(ids)) == 41

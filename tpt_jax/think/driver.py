@@ -1,0 +1,201 @@
+"""`tpt think CONFIG`: crash-safe offline thinking generation over a corpus (local engine).
+
+Documents are split over shards by position (document k goes to shard k % n). Each shard writes
+`<output_dir>/shard-<i>-of-<n>/chunk-<c>.jsonl`, each chunk committed atomically (written under a
+temporary name, then renamed) once `chunk_size` documents are finished. A restart reads the
+committed chunks and skips their ids, so after any crash the output holds every document of the
+shard exactly once; with greedy decoding, with the same text as an uninterrupted run (each
+document's sampling seed derives from its id, not from the order of work).
+
+Decoding uses continuous batching: a finished slot is refilled at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from tpt_jax.config import Config
+from tpt_jax.data.readers import Document, read_corpus
+from tpt_jax.data.rejects import RejectLog
+from tpt_jax.think.generate import SamplingParams
+from tpt_jax.think.prompts import load_template, render
+from tpt_jax.think.tokenizer import GeneratorTokenizer
+
+THINK_OPEN = "<think>"
+
+
+def document_seed(seed: int, doc_id: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:8], 16) % 2**31
+
+
+def shard_folder(output_dir: str, index: int, count: int) -> str:
+    return os.path.join(output_dir, f"shard-{index:05d}-of-{count:05d}")
+
+
+def committed_records(folder: str) -> list[dict]:
+    records = []
+    for path in sorted(glob.glob(os.path.join(folder, "chunk-*.jsonl"))):
+        with open(path) as f:
+            records.extend(json.loads(line) for line in f)
+    return records
+
+
+def _commit(folder: str, index: int, records: list[dict]) -> None:
+    path = os.path.join(folder, f"chunk-{index:06d}.jsonl")
+    with open(path + ".tmp", "w") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+@dataclasses.dataclass
+class _Slot:
+    doc: Document
+    prompt_tokens: int
+    truncated: bool
+    tokens: list[int] = dataclasses.field(default_factory=list)
+
+
+def _finish(slot: _Slot, text: str, reason: str, cfg: Config, template, generator: str) -> dict:
+    t = cfg.think
+    thinking = text
+    if thinking.lstrip().startswith(THINK_OPEN):  # reasoning models open their own think block
+        thinking = thinking.lstrip()[len(THINK_OPEN) :]
+    thinking = thinking.strip()
+    if reason == "length" and t.on_length == "drop":
+        thinking = None
+    elif reason == "length" and t.on_length == "truncate":
+        thinking = thinking.rsplit("\n", 1)[0].strip() if "\n" in thinking else thinking
+    meta = {
+        **slot.doc.meta,
+        "generator": os.path.basename(os.path.normpath(t.model_dir)),
+        "generator_dir": generator,
+        "template": template.name,
+        "template_sha256": template.sha256,
+        "sampling": {"temperature": t.temperature, "top_p": t.top_p, "top_k": t.top_k},
+        "seed": document_seed(t.seed, slot.doc.id),
+        "prompt_tokens": slot.prompt_tokens,
+        "document_truncated": slot.truncated,
+        "thinking_tokens": len(slot.tokens),
+        "finish_reason": reason,
+        "length_policy": t.on_length if reason == "length" else None,
+    }
+    return {"id": slot.doc.id, "text": slot.doc.text, "thinking": thinking, "meta": meta}
+
+
+def _check_stop(tokenizer: GeneratorTokenizer, slot: _Slot, stops: list[str], eos_id, cap: int):
+    """(finished?, reason, text) after the slot's latest token."""
+    if eos_id is not None and slot.tokens[-1] == eos_id:
+        return True, "stop", tokenizer.decode(slot.tokens[:-1])
+    tail = tokenizer.decode(slot.tokens[-16:])
+    if any(s in tail for s in stops):
+        text = tokenizer.decode(slot.tokens)
+        cut = min(text.find(s) for s in stops if s in text)
+        return True, "stop", text[:cut]
+    if len(slot.tokens) >= cap:
+        return True, "length", tokenizer.decode(slot.tokens)
+    return False, "", ""
+
+
+def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Generates thinking for this shard's documents that are not committed yet; returns a summary."""
+    from tpt_jax.model import param_shapes
+    from tpt_jax.model._store import load_model_config, restore_params
+    from tpt_jax.think.engine import TptEngine, pad_prompt
+
+    t = cfg.think
+    index, count = shard
+    folder = shard_folder(t.output_dir, index, count)
+    os.makedirs(folder, exist_ok=True)
+    done = {r["id"] for r in committed_records(folder)}
+    chunk_index = len(glob.glob(os.path.join(folder, "chunk-*.jsonl")))
+    rejects = RejectLog(strict=cfg.data.strict, path=os.path.join(folder, "rejects.tsv"))
+    tokenizer = GeneratorTokenizer(t.model_dir)
+    template = load_template(t.template)
+    model_cfg = load_model_config(t.model_dir)
+    overhead = len(tokenizer.encode(_prompt(tokenizer, template, "", cfg, "")))
+    max_prefill = 1 << (overhead + t.max_document_tokens + 16).bit_length()
+    engine = TptEngine(
+        model_cfg,
+        restore_params(t.model_dir, param_shapes(model_cfg)),
+        max_concurrent_decodes=t.max_concurrent_decodes,
+        max_prefill_length=max_prefill,
+        max_target_length=max_prefill + t.max_new_tokens + 1,
+    )
+    params = engine.load_params()
+
+    def pending() -> Iterator[Document]:
+        for k, doc in enumerate(read_corpus(t.corpus, rejects)):
+            if k % count == index and doc.id not in done:
+                yield doc
+
+    source = pending()
+    state = engine.init_decode_state()
+    slots: dict[int, _Slot] = {}
+    finished: list[dict] = []
+    bar = tqdm(desc=f"think shard {index}/{count}", unit="doc", initial=len(done))
+    generated_tokens, started = 0, time.perf_counter()
+    exhausted = False
+    while True:
+        for slot_index in range(engine.max_concurrent_decodes):
+            if slot_index in slots or exhausted:
+                continue
+            doc = next(source, None)
+            if doc is None:
+                exhausted = True
+                break
+            document, truncated = tokenizer.truncate(doc.text, t.max_document_tokens)
+            ids = tokenizer.encode(_prompt(tokenizer, template, document, cfg, doc.id))
+            padded, length = pad_prompt(ids, engine.max_prefill_length)
+            sampling = SamplingParams(
+                t.temperature, t.top_k, t.top_p, document_seed(t.seed, doc.id)
+            )
+            prefix = engine.prefill(
+                params=params, padded_tokens=padded, true_length=length, sampling=sampling
+            )
+            state = engine.insert(prefix, state, slot_index)
+            slots[slot_index] = _Slot(doc, length, truncated)
+        if not slots:
+            break
+        state, result = engine.generate(params, state)
+        tokens = np.asarray(result.data)[:, 0]
+        for slot_index, slot in list(slots.items()):
+            slot.tokens.append(int(tokens[slot_index]))
+            generated_tokens += 1
+            stop, reason, text = _check_stop(
+                tokenizer, slot, t.stop, tokenizer.eos_id, t.max_new_tokens
+            )
+            if stop:
+                finished.append(_finish(slot, text, reason, cfg, template, t.model_dir))
+                del slots[slot_index]
+                bar.update(1)
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(tok_s=f"{generated_tokens / max(elapsed, 1e-9):,.0f}")
+        if len(finished) >= t.chunk_size:
+            _commit(folder, chunk_index, finished[: t.chunk_size])
+            chunk_index, finished = chunk_index + 1, finished[t.chunk_size :]
+    if finished:
+        _commit(folder, chunk_index, finished)
+    bar.close()
+    rejects.close()
+    from tpt_jax.think.summary import summarize_shard
+
+    return summarize_shard(folder, t.group_by, rejects.summary())
+
+
+def _prompt(
+    tokenizer: GeneratorTokenizer, template, document: str, cfg: Config, doc_id: str
+) -> str:
+    text = render(template, document, seed=document_seed(cfg.think.seed, doc_id))
+    return tokenizer.chat(text) if cfg.think.chat_template else text

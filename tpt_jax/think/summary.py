@@ -1,0 +1,90 @@
+"""The summary of a `tpt think` shard: counts, finish reasons, thinking lengths (overall and by a
+metadata field such as domain), saved as JSON with a PNG plot of length by group."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import numpy as np
+
+
+def _stats(lengths: list[int]) -> dict:
+    if not lengths:
+        return {"documents": 0}
+    a = np.asarray(lengths)
+    return {
+        "documents": len(a),
+        "mean": float(a.mean()),
+        "p10": float(np.percentile(a, 10)),
+        "median": float(np.median(a)),
+        "p90": float(np.percentile(a, 90)),
+        "max": int(a.max()),
+    }
+
+
+def summarize_shard(folder: str, group_by: str, rejects: str) -> dict:
+    from tpt_jax.think.driver import committed_records
+
+    records = committed_records(folder)
+    lengths = [r["meta"]["thinking_tokens"] for r in records]
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    if group_by:
+        for r in records:
+            groups[str(r["meta"].get(group_by, "(none)"))].append(r["meta"]["thinking_tokens"])
+    summary = {
+        "documents": len(records),
+        "prompt_tokens": sum(r["meta"]["prompt_tokens"] for r in records),
+        "thinking_tokens": sum(lengths),
+        "finish_reasons": dict(collections.Counter(r["meta"]["finish_reason"] for r in records)),
+        "without_thinking": sum(r["thinking"] is None for r in records),
+        "thinking_length": _stats(lengths),
+        "by_group": {g: _stats(v) for g, v in sorted(groups.items())},
+        "group_by": group_by,
+        "input": rejects,
+    }
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    _plot(
+        groups or {"all": lengths},
+        group_by or "all documents",
+        os.path.join(folder, "thinking_length.png"),
+    )
+    return summary
+
+
+def _plot(groups: dict[str, list[int]], label: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [g for g, v in groups.items() if v]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 4))
+    if names:
+        ax.boxplot([groups[g] for g in names], showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
+    ax.set_ylabel("thinking tokens")
+    ax.set_title(f"Thinking length by {label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_summary(summary: dict) -> str:
+    s = summary["thinking_length"]
+    lines = [
+        f"think: {summary['documents']:,} documents, {summary['thinking_tokens']:,} thinking tokens, "
+        f"finish reasons {summary['finish_reasons']}; input: {summary['input']}",
+    ]
+    if s.get("documents"):
+        lines.append(
+            f"  thinking length: mean {s['mean']:.0f}, median {s['median']:.0f}, p90 {s['p90']:.0f}"
+        )
+    for group, g in summary["by_group"].items():
+        if g.get("documents"):
+            lines.append(
+                f"  {summary['group_by']}={group}: {g['documents']} documents, mean {g['mean']:.0f} tokens"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""The generator model's own tokenizer (`tokenizer.json`) and chat template (jinja2).
+
+Prompts must match what the generator was trained on: a chat model sees the prompt wrapped in its
+chat template with the assistant turn opened (add_generation_prompt), exactly as `transformers`
+renders it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+
+from tpt_jax.errors import TptError
+
+
+class TokenizerError(TptError):
+    """A model folder without a usable tokenizer.json or chat template."""
+
+
+def _raise(message: str):
+    raise TokenizerError(f"chat template: {message}")
+
+
+class GeneratorTokenizer:
+    """tokenizer.json + tokenizer_config.json (chat_template, eos/bos tokens) of a model folder."""
+
+    def __init__(self, folder: str):
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from None
+        config = {}
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+        template = config.get("chat_template")
+        jinja_path = os.path.join(folder, "chat_template.jinja")
+        if template is None and os.path.exists(jinja_path):
+            with open(jinja_path) as f:
+                template = f.read()
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self._template = None
+        if isinstance(template, str):
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            self._template = env.from_string(template)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def chat(self, user_message: str, **template_kwargs) -> str:
+        """The prompt text of one user turn with the assistant turn opened."""
+        if self._template is None:
+            raise TokenizerError(
+                "this model folder has no chat template; set think.chat_template=false"
+            )
+        return self._template.render(
+            messages=[{"role": "user", "content": user_message}],
+            add_generation_prompt=True,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **template_kwargs,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text as written (special tokens in the text are recognised, none added)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def truncate(self, text: str, max_tokens: int) -> tuple[str, bool]:
+        """The longest prefix of text within max_tokens tokens (cut at a token boundary)."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        if len(encoding.ids) <= max_tokens:
+            return text, False
+        end = encoding.offsets[max_tokens - 1][1]
+        return text[:end], True
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # {"content": "<|im_end|>", ...} in older configs
+        return value.get("content")
+    return value
