@@ -27,6 +27,7 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/decode.py
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache .ruff_cache
