@@ -106,6 +106,7 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
             f"{stats_path} was prepared with another config ({stats.get('config_hash')} != {expected_hash}); "
             "use a new data.prepared_dir"
         )
+    import sentencepiece as spm
     import seqio
 
     from tpt_jax.data import tasks
@@ -113,22 +114,6 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
     tasks.register(cfg.data)
     task = seqio.get_mixture_or_task(task_name)
     task.source.rejects = RejectLog(strict=cfg.data.strict, path=_rejects_path(root, name))
-    return _prepare(cfg, task, name, index, count, expected_hash)
-
-
-def _rejects_path(root: str, name: str) -> str | None:
-    if "://" in root:
-        return None  # reject reports are local files; counts still go to the stats and manifest
-    return os.path.join(root, "rejects", name.replace("/", "-").replace(".array_record", ".tsv"))
-
-
-def _prepare(cfg: Config, task, name: str, index: int, count: int, expected_hash: str) -> dict:
-    import sentencepiece as spm
-    import seqio
-
-    root = cfg.data.prepared_dir
-    task_name = task.name
-    stats_path = os.path.join(root, name + ".json")
     processor = spm.SentencePieceProcessor(model_file=vocab.local_copy(cfg.data.vocab_path))
     packer = Packer(cfg.train.seq_len, cfg.data.long_docs)
     rows: list[np.ndarray] = []
@@ -163,6 +148,12 @@ def _prepare(cfg: Config, task, name: str, index: int, count: int, expected_hash
     }
     _write_bytes(stats_path, json.dumps(stats, indent=1).encode())
     return {**stats, "skipped": False}
+
+
+def _rejects_path(root: str, name: str) -> str | None:
+    if "://" in root:
+        return None  # reject reports are local files; counts still go to the stats and manifest
+    return os.path.join(root, "rejects", name.replace("/", "-").replace(".array_record", ".tsv"))
 
 
 def work_items(cfg: Config) -> tuple[list[tuple[str, int, int]], list[str]]:
