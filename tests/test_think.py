@@ -132,3 +132,26 @@ def test_shards_split_the_corpus(setup):
         for r in committed_records(shard_folder(str(setup / "sharded"), i, 2))
     ]
     assert len(ids) == len(set(ids)) == 41
+
+
+def test_sample_command(setup):
+    args = [
+        sys.executable,
+        "-m",
+        "tpt_jax",
+        "sample",
+        _config(setup, "sample"),
+        "--prompt",
+        "three apples",
+    ]
+    result = subprocess.run(
+        [*args, "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("=== three apples\n")
+    again = subprocess.run(
+        [*args, "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300
+    )
+    assert again.stdout == result.stdout  # think.temperature is 0 in this config: greedy
+    missing = subprocess.run(args[:5], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "--prompt TEXT or --prompts-file" in missing.stderr

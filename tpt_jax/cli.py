@@ -19,7 +19,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # Sub-commands whose capability a later milestone delivers: name -> what is missing.
 _NOT_BUILT = {
     "eval": "evaluation (held-out perplexity and few-shot chain-of-thought)",
-    "sample": "sampling from a checkpoint (needs the JetStream-compatible engine)",
     "serve": "serving over JetStream gRPC",
 }
 
@@ -114,6 +113,26 @@ def _cmd_think(args: argparse.Namespace) -> None:
     print(format_summary(run_think(cfg, (index, count))))
 
 
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from tpt_jax.think.sample import run_sample
+
+    cfg = _load(args)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise TptError(f"--prompts-file {args.prompts_file}: {e}") from None
+    elif args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        raise TptError("tpt sample needs --prompt TEXT or --prompts-file FILE")
+    for prompt, completion in zip(
+        prompts, run_sample(cfg, prompts, args.max_new_tokens, args.raw), strict=True
+    ):
+        print(f"=== {prompt}\n{completion}")
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from tpt_jax.data.prepare import run_prepare, summarize
 
@@ -190,7 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (
         ("eval", "held-out perplexity and few-shot chain-of-thought evals"),
-        ("sample", "generate from a checkpoint"),
         ("serve", "serve the engine over JetStream gRPC"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -203,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_prepare, beam_args=[])
     p.epilog = "Options this parser does not know (--runner=..., --project=...) go to Apache Beam."
+
+    p = sub.add_parser(
+        "sample", help="generate from a model folder (think.model_dir, think.* sampling)"
+    )
+    _add_config_args(p)
+    p.add_argument("--prompt", default=None, help="one prompt")
+    p.add_argument("--prompts-file", default="", help="a text file, one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("think", help="generate thinking trajectories for a corpus (crash-safe)")
     _add_config_args(p)

@@ -1,0 +1,42 @@
+"""`tpt sample`: completions for a few prompts from a model folder, with think.* sampling settings."""
+
+from __future__ import annotations
+
+from tpt_jax.config import Config
+from tpt_jax.errors import TptError
+from tpt_jax.think.generate import SamplingParams, generate
+from tpt_jax.think.tokenizer import GeneratorTokenizer
+
+
+def run_sample(
+    cfg: Config, prompts: list[str], max_new_tokens: int, raw: bool = False
+) -> list[str]:
+    """Completion text of each prompt (generation stops at EOS or a think.stop string)."""
+    from tpt_jax.model import param_shapes
+    from tpt_jax.model._store import load_model_config, restore_params
+
+    t = cfg.think
+    if not t.model_dir:
+        raise TptError(
+            "tpt sample needs think.model_dir (a folder written by `tpt convert from-hf`)"
+        )
+    tokenizer = GeneratorTokenizer(t.model_dir)
+    model_cfg = load_model_config(t.model_dir)
+    params = restore_params(t.model_dir, param_shapes(model_cfg))
+    texts = [
+        p if raw or not (t.chat_template and tokenizer.has_chat_template) else tokenizer.chat(p)
+        for p in prompts
+    ]
+    ids = [tokenizer.encode(text) for text in texts]
+    sampling = [
+        SamplingParams(t.temperature, t.top_k, t.top_p, t.seed + i) for i in range(len(prompts))
+    ]
+    outputs = generate(params, model_cfg, ids, max_new_tokens, sampling, eos_id=tokenizer.eos_id)
+    completions = []
+    for tokens in outputs:
+        if tokens and tokens[-1] == tokenizer.eos_id:
+            tokens = tokens[:-1]
+        text = tokenizer.decode(tokens)
+        cuts = [text.find(s) for s in t.stop if s in text]
+        completions.append(text[: min(cuts)] if cuts else text)
+    return completions
