@@ -83,11 +83,14 @@ def test_sigkill_and_restart_give_every_document_once_with_the_same_text(setup):
     folder = shard_folder(str(setup / "killed"), 0, 1)
     proc = subprocess.Popen(_think(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while (
-        time.time() < deadline
-        and len([n for n in os.listdir(folder)] if os.path.isdir(folder) else []) < 3
-    ):
-        time.sleep(0.05)
+
+    def chunks():
+        return (
+            [n for n in os.listdir(folder) if n.endswith(".jsonl")] if os.path.isdir(folder) else []
+        )
+
+    while time.time() < deadline and not chunks():  # kill right after the first commit
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = committed_records(folder)
