@@ -160,7 +160,7 @@ def test_config_command_prints_resolved(tmp_path):
 
 
 def test_unbuilt_command_says_so(tmp_path):
-    result = _tpt("serve", "configs/demo.yaml")
+    result = _tpt("eval", "configs/demo.yaml")
     assert result.returncode == 3
     assert "is not built yet" in result.stderr
     # A bad config is still reported as such, before the missing capability.

@@ -158,3 +158,57 @@ def test_sample_command(setup):
     assert again.stdout == result.stdout  # think.temperature is 0 in this config: greedy
     missing = subprocess.run(args[:5], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "--prompt TEXT or --prompts-file" in missing.stderr
+
+
+def test_serve_answers_a_jetstream_grpc_client(setup):
+    import socket
+
+    import grpc
+    import jax
+
+    jax.tree_map = jax.tree.map  # google-jetstream 0.2.2 still calls it
+    from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc
+
+    from tpt_jax.model import param_shapes
+    from tpt_jax.model._store import load_model_config, restore_params
+    from tpt_jax.think.generate import generate
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = _config(setup, "serve")
+    log = setup / "serve.log"  # a file, not a pipe: the server logs a lot and must never block
+    args = [sys.executable, "-m", "tpt_jax", "serve", config, "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*args, "--max-prefill-length", "64"], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.time() + 120
+        while "JetStream gRPC on port" not in log.read_text() and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        tok = GeneratorTokenizer(str(setup / "gen"))
+        prompt = tok.encode("three apples cost six dollars")
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            stub = jetstream_pb2_grpc.OrchestratorStub(channel)
+            request = jetstream_pb2.DecodeRequest(
+                token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=prompt),
+                max_tokens=6,
+            )
+            served = []
+            for response in stub.Decode(request, timeout=120):
+                for sample in response.stream_content.samples:
+                    served.extend(sample.token_ids)
+        cfg = load_model_config(str(setup / "gen"))
+        # JetStream prepends the BOS id to token content of a new conversation; this model has
+        # no BOS token, so the server reports EOS as BOS (as many decoder-only models do).
+        params = restore_params(str(setup / "gen"), param_shapes(cfg))
+        expected = generate(params, cfg, [[tok.eos_id, *prompt]], 6)[0]
+        if tok.eos_id in expected:
+            expected = expected[: expected.index(tok.eos_id)]
+        assert served and served == expected[:6]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -19,7 +19,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # Sub-commands whose capability a later milestone delivers: name -> what is missing.
 _NOT_BUILT = {
     "eval": "evaluation (held-out perplexity and few-shot chain-of-thought)",
-    "serve": "serving over JetStream gRPC",
 }
 
 
@@ -133,6 +132,22 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         print(f"=== {prompt}\n{completion}")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from tpt_jax.think.serve import start_server
+
+    cfg = _load(args)
+    if not cfg.think.model_dir:
+        raise TptError(
+            "tpt serve needs think.model_dir (a folder written by `tpt convert from-hf`)"
+        )
+    server = start_server(cfg, args.port, args.max_prefill_length)
+    print(
+        f"serve: JetStream gRPC on port {args.port} ({cfg.think.model_dir}); Ctrl-C stops",
+        flush=True,
+    )
+    server.wait_for_termination()
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from tpt_jax.data.prepare import run_prepare, summarize
 
@@ -207,10 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, help_text in (
-        ("eval", "held-out perplexity and few-shot chain-of-thought evals"),
-        ("serve", "serve the engine over JetStream gRPC"),
-    ):
+    for name, help_text in (("eval", "held-out perplexity and few-shot chain-of-thought evals"),):
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
         p.set_defaults(func=_not_built(name))
@@ -231,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("serve", help="serve think.model_dir over JetStream gRPC")
+    _add_config_args(p)
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--max-prefill-length", type=int, default=1024)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("think", help="generate thinking trajectories for a corpus (crash-safe)")
     _add_config_args(p)
