@@ -160,9 +160,36 @@ def test_sample_command(setup):
     assert missing.returncode == 2 and "--prompt TEXT or --prompts-file" in missing.stderr
 
 
-def test_serve_answers_a_jetstream_grpc_client(setup):
+def _free_port():
     import socket
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    """`tpt serve` on a free localhost port (greedy: think.temperature is 0 in the config)."""
+    port = _free_port()
+    log = setup / "serve.log"  # a file, not a pipe: the server logs a lot and must never block
+    args = [sys.executable, "-m", "tpt_jax", "serve", _config(setup, "serve"), "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*args, "--max-prefill-length", "256"], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.time() + 120
+        while "JetStream gRPC on port" not in log.read_text() and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_serve_answers_a_jetstream_grpc_client(setup, server):
     import grpc
     import jax
 
@@ -173,42 +200,46 @@ def test_serve_answers_a_jetstream_grpc_client(setup):
     from tpt_jax.model._store import load_model_config, restore_params
     from tpt_jax.think.generate import generate
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = _config(setup, "serve")
-    log = setup / "serve.log"  # a file, not a pipe: the server logs a lot and must never block
-    args = [sys.executable, "-m", "tpt_jax", "serve", config, "--port", str(port)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*args, "--max-prefill-length", "64"], stdout=out, stderr=subprocess.STDOUT
+    tok = GeneratorTokenizer(str(setup / "gen"))
+    prompt = tok.encode("three apples cost six dollars")
+    with grpc.insecure_channel(f"localhost:{server}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stub = jetstream_pb2_grpc.OrchestratorStub(channel)
+        request = jetstream_pb2.DecodeRequest(
+            token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=prompt), max_tokens=6
         )
-    try:
-        deadline = time.time() + 120
-        while "JetStream gRPC on port" not in log.read_text() and time.time() < deadline:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            time.sleep(0.2)
-        tok = GeneratorTokenizer(str(setup / "gen"))
-        prompt = tok.encode("three apples cost six dollars")
-        with grpc.insecure_channel(f"localhost:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=60)
-            stub = jetstream_pb2_grpc.OrchestratorStub(channel)
-            request = jetstream_pb2.DecodeRequest(
-                token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=prompt),
-                max_tokens=6,
-            )
-            served = []
-            for response in stub.Decode(request, timeout=120):
-                for sample in response.stream_content.samples:
-                    served.extend(sample.token_ids)
-        cfg = load_model_config(str(setup / "gen"))
-        # JetStream prepends the BOS id to token content of a new conversation; this model has
-        # no BOS token, so the server reports EOS as BOS (as many decoder-only models do).
-        params = restore_params(str(setup / "gen"), param_shapes(cfg))
-        expected = generate(params, cfg, [[tok.eos_id, *prompt]], 6)[0]
-        if tok.eos_id in expected:
-            expected = expected[: expected.index(tok.eos_id)]
-        assert served and served == expected[:6]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        served = []
+        for response in stub.Decode(request, timeout=120):
+            for sample in response.stream_content.samples:
+                served.extend(sample.token_ids)
+    cfg = load_model_config(str(setup / "gen"))
+    # JetStream prepends the BOS id to token content of a new conversation; this model has
+    # no BOS token, so the server reports EOS as BOS (as many decoder-only models do).
+    params = restore_params(str(setup / "gen"), param_shapes(cfg))
+    expected = generate(params, cfg, [[tok.eos_id, *prompt]], 6)[0]
+    if tok.eos_id in expected:
+        expected = expected[: expected.index(tok.eos_id)]
+    assert served and served == expected[:6]
+
+
+def test_jetstream_backend_completes_the_corpus_and_keeps_failures_pending(setup, server):
+    dead = _config(
+        setup,
+        "remote",
+        f"  backend: jetstream\n  address: localhost:{_free_port()}\n  retries: 0\n  timeout_s: 2",
+    )
+    result = subprocess.run(_think(dead), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    folder = shard_folder(str(setup / "remote"), 0, 1)
+    assert committed_records(folder) == []  # every request failed: nothing written, all pending
+    live = _config(
+        setup, "remote", f"  backend: jetstream\n  address: localhost:{server}\n  concurrency: 3"
+    )
+    result = subprocess.run(_think(live), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    remote = {r["id"]: r for r in committed_records(folder)}
+    local = {r["id"]: r for r in committed_records(shard_folder(str(setup / "straight"), 0, 1))}
+    assert set(remote) == set(local) and len(remote) == 41
+    for doc_id, record in remote.items():
+        assert record["thinking"] == local[doc_id]["thinking"], doc_id
+        assert record["meta"]["finish_reason"] == local[doc_id]["meta"]["finish_reason"]

@@ -270,6 +270,13 @@ class ThinkConfig:
         chunk_size: finished documents per atomically committed output chunk.
         max_concurrent_decodes: decode slots of the engine (continuous batching).
         group_by: metadata field the summary and plot break thinking lengths down by.
+        backend: "local" (the engine in this process) or "jetstream" (a JetStream gRPC server
+            at `address`, e.g. `tpt serve` or MaxText's; it samples with its own settings).
+        address: host:port of the remote server.
+        concurrency: requests in flight to a remote server.
+        timeout_s: deadline of one remote request.
+        retries: attempts after the first failure (exponential backoff); a document that still
+            fails stays pending for the next run, never lost.
     """
 
     model_dir: str = ""
@@ -288,6 +295,11 @@ class ThinkConfig:
     chunk_size: int = 64
     max_concurrent_decodes: int = 16
     group_by: str = ""
+    backend: str = "local"
+    address: str = "localhost:9000"
+    concurrency: int = 16
+    timeout_s: float = 600.0
+    retries: int = 3
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

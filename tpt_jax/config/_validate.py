@@ -115,6 +115,10 @@ def validate(cfg: schema.Config) -> None:
 
     th = cfg.think
     _choice(cfg, "think.on_length", th.on_length, ("keep", "drop", "truncate"))
+    _choice(cfg, "think.backend", th.backend, ("local", "jetstream"))
+    _positive(cfg, "think.concurrency", th.concurrency)
+    _positive(cfg, "think.timeout_s", th.timeout_s)
+    _positive(cfg, "think.retries", th.retries, allow_zero=True)
     for key in ("max_document_tokens", "max_new_tokens", "chunk_size", "max_concurrent_decodes"):
         _positive(cfg, f"think.{key}", getattr(th, key))
     _positive(cfg, "think.temperature", th.temperature, allow_zero=True)

@@ -65,6 +65,7 @@ class _Slot:
     prompt_tokens: int
     truncated: bool
     tokens: list[int] = dataclasses.field(default_factory=list)
+    failed: bool = False  # a remote request that failed after its retries: stays pending
 
 
 def _finish(slot: _Slot, text: str, reason: str, cfg: Config, template, generator: str) -> dict:
@@ -94,26 +95,8 @@ def _finish(slot: _Slot, text: str, reason: str, cfg: Config, template, generato
     return {"id": slot.doc.id, "text": slot.doc.text, "thinking": thinking, "meta": meta}
 
 
-def _check_stop(tokenizer: GeneratorTokenizer, slot: _Slot, stops: list[str], eos_id, cap: int):
-    """(finished?, reason, text) after the slot's latest token."""
-    if eos_id is not None and slot.tokens[-1] == eos_id:
-        return True, "stop", tokenizer.decode(slot.tokens[:-1])
-    tail = tokenizer.decode(slot.tokens[-16:])
-    if any(s in tail for s in stops):
-        text = tokenizer.decode(slot.tokens)
-        cut = min(text.find(s) for s in stops if s in text)
-        return True, "stop", text[:cut]
-    if len(slot.tokens) >= cap:
-        return True, "length", tokenizer.decode(slot.tokens)
-    return False, "", ""
-
-
 def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
     """Generates thinking for this shard's documents that are not committed yet; returns a summary."""
-    from tpt_jax.model import param_shapes
-    from tpt_jax.model._store import load_model_config, restore_params
-    from tpt_jax.think.engine import TptEngine, pad_prompt
-
     t = cfg.think
     index, count = shard
     folder = shard_folder(t.output_dir, index, count)
@@ -123,65 +106,30 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
     rejects = RejectLog(strict=cfg.data.strict, path=os.path.join(folder, "rejects.tsv"))
     tokenizer = GeneratorTokenizer(t.model_dir)
     template = load_template(t.template)
-    model_cfg = load_model_config(t.model_dir)
-    overhead = len(tokenizer.encode(_prompt(tokenizer, template, "", cfg, "")))
-    max_prefill = 1 << (overhead + t.max_document_tokens + 16).bit_length()
-    engine = TptEngine(
-        model_cfg,
-        restore_params(t.model_dir, param_shapes(model_cfg)),
-        max_concurrent_decodes=t.max_concurrent_decodes,
-        max_prefill_length=max_prefill,
-        max_target_length=max_prefill + t.max_new_tokens + 1,
-    )
-    params = engine.load_params()
 
     def pending() -> Iterator[Document]:
         for k, doc in enumerate(read_corpus(t.corpus, rejects)):
             if k % count == index and doc.id not in done:
                 yield doc
 
-    source = pending()
-    state = engine.init_decode_state()
-    slots: dict[int, _Slot] = {}
+    def prompt_of(doc: Document) -> tuple[str, bool]:
+        document, truncated = tokenizer.truncate(doc.text, t.max_document_tokens)
+        return _prompt(tokenizer, template, document, cfg, doc.id), truncated
+
+    produce = _local_slots if t.backend == "local" else _remote_slots
     finished: list[dict] = []
+    failed = 0
     bar = tqdm(desc=f"think shard {index}/{count}", unit="doc", initial=len(done))
     generated_tokens, started = 0, time.perf_counter()
-    exhausted = False
-    while True:
-        for slot_index in range(engine.max_concurrent_decodes):
-            if slot_index in slots or exhausted:
-                continue
-            doc = next(source, None)
-            if doc is None:
-                exhausted = True
-                break
-            document, truncated = tokenizer.truncate(doc.text, t.max_document_tokens)
-            ids = tokenizer.encode(_prompt(tokenizer, template, document, cfg, doc.id))
-            padded, length = pad_prompt(ids, engine.max_prefill_length)
-            sampling = SamplingParams(
-                t.temperature, t.top_k, t.top_p, document_seed(t.seed, doc.id)
-            )
-            prefix = engine.prefill(
-                params=params, padded_tokens=padded, true_length=length, sampling=sampling
-            )
-            state = engine.insert(prefix, state, slot_index)
-            slots[slot_index] = _Slot(doc, length, truncated)
-        if not slots:
-            break
-        state, result = engine.generate(params, state)
-        tokens = np.asarray(result.data)[:, 0]
-        for slot_index, slot in list(slots.items()):
-            slot.tokens.append(int(tokens[slot_index]))
-            generated_tokens += 1
-            stop, reason, text = _check_stop(
-                tokenizer, slot, t.stop, tokenizer.eos_id, t.max_new_tokens
-            )
-            if stop:
-                finished.append(_finish(slot, text, reason, cfg, template, t.model_dir))
-                del slots[slot_index]
-                bar.update(1)
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(tok_s=f"{generated_tokens / max(elapsed, 1e-9):,.0f}")
+    for slot in produce(cfg, pending(), prompt_of, tokenizer):
+        if slot.failed:
+            failed += 1
+            continue
+        generated_tokens += len(slot.tokens)
+        text, reason = _outcome(tokenizer, slot.tokens, t.stop, t.max_new_tokens)
+        finished.append(_finish(slot, text, reason, cfg, template, t.model_dir))
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{generated_tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
         if len(finished) >= t.chunk_size:
             _commit(folder, chunk_index, finished[: t.chunk_size])
             chunk_index, finished = chunk_index + 1, finished[t.chunk_size :]
@@ -191,7 +139,109 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
     rejects.close()
     from tpt_jax.think.summary import summarize_shard
 
-    return summarize_shard(folder, t.group_by, rejects.summary())
+    summary = summarize_shard(folder, t.group_by, rejects.summary())
+    summary["left_pending"] = failed
+    return summary
+
+
+def _outcome(
+    tokenizer: GeneratorTokenizer, tokens: list[int], stops: list[str], cap: int
+) -> tuple[str, str]:
+    """(thinking text, finish reason) of a finished generation: cut at EOS or the first stop string."""
+    if tokenizer.eos_id is not None and tokenizer.eos_id in tokens:
+        return tokenizer.decode(tokens[: tokens.index(tokenizer.eos_id)]), "stop"
+    text = tokenizer.decode(tokens)
+    cuts = [text.find(s) for s in stops if s in text]
+    if cuts:
+        return text[: min(cuts)], "stop"
+    return text, "length" if len(tokens) >= cap else "stop"
+
+
+def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:
+    """Continuous batching over the in-process engine: a finished slot is refilled at once."""
+    from tpt_jax.model import param_shapes
+    from tpt_jax.model._store import load_model_config, restore_params
+    from tpt_jax.think.engine import TptEngine, pad_prompt
+
+    t = cfg.think
+    model_cfg = load_model_config(t.model_dir)
+    overhead = len(tokenizer.encode(prompt_of(Document("", "", None, {}, "", 0))[0]))
+    max_prefill = 1 << (overhead + t.max_document_tokens + 16).bit_length()
+    engine = TptEngine(
+        model_cfg,
+        restore_params(t.model_dir, param_shapes(model_cfg)),
+        max_concurrent_decodes=t.max_concurrent_decodes,
+        max_prefill_length=max_prefill,
+        max_target_length=max_prefill + t.max_new_tokens + 1,
+    )
+    params = engine.load_params()
+    state = engine.init_decode_state()
+    slots: dict[int, _Slot] = {}
+    exhausted = False
+    while True:
+        for slot_index in range(engine.max_concurrent_decodes):
+            if slot_index in slots or exhausted:
+                continue
+            doc = next(docs, None)
+            if doc is None:
+                exhausted = True
+                break
+            prompt, truncated = prompt_of(doc)
+            padded, length = pad_prompt(tokenizer.encode(prompt), engine.max_prefill_length)
+            sampling = SamplingParams(
+                t.temperature, t.top_k, t.top_p, document_seed(t.seed, doc.id)
+            )
+            prefix = engine.prefill(
+                params=params, padded_tokens=padded, true_length=length, sampling=sampling
+            )
+            state = engine.insert(prefix, state, slot_index)
+            slots[slot_index] = _Slot(doc, length, truncated)
+        if not slots:
+            return
+        state, result = engine.generate(params, state)
+        tokens = np.asarray(result.data)[:, 0]
+        for slot_index, slot in list(slots.items()):
+            slot.tokens.append(int(tokens[slot_index]))
+            if _stopped(tokenizer, slot.tokens, t.stop, t.max_new_tokens):
+                del slots[slot_index]
+                yield slot
+
+
+def _stopped(tokenizer: GeneratorTokenizer, tokens: list[int], stops: list[str], cap: int) -> bool:
+    if len(tokens) >= cap or (tokenizer.eos_id is not None and tokens[-1] == tokenizer.eos_id):
+        return True
+    tail = tokenizer.decode(tokens[-16:])  # stop strings span a few tokens at most
+    return any(s in tail for s in stops)
+
+
+def _remote_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:
+    """Concurrent requests to a remote server; a request that finally fails is yielded as failed."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from tpt_jax.think.backends import BackendError, JetStreamBackend
+
+    t = cfg.think
+    backend = JetStreamBackend(t.address, t.timeout_s, t.retries)
+
+    def run(doc: Document) -> _Slot:
+        prompt, truncated = prompt_of(doc)
+        slot = _Slot(doc, len(tokenizer.encode(prompt)), truncated)
+        try:
+            slot.tokens = backend.complete(prompt, t.max_new_tokens)
+        except BackendError:
+            slot.failed = True
+        return slot
+
+    with ThreadPoolExecutor(max_workers=t.concurrency) as pool:
+        in_flight = set()
+        for doc in docs:
+            in_flight.add(pool.submit(run, doc))
+            if len(in_flight) >= t.concurrency:
+                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in finished)
+        for future in in_flight:
+            yield future.result()
+    backend.close()
 
 
 def _prompt(
