@@ -64,7 +64,7 @@ class TptEngine(engine_api.Engine):
         self.default_sampling = sampling or SamplingParams()
         self._tokenizer_path = tokenizer_path
         self._mesh = mesh or jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=())
+        self._prefill = jax.jit(self._prefill_impl)
         self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
         self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
 
