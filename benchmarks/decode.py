@@ -33,6 +33,58 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def driver_throughput(root: str, model_cfg, args) -> float:
+    """End-to-end `tpt think` tokens/s on the same model: prompts of ~args.prompt tokens."""
+    import json
+
+    import tokenizers
+
+    from tpt_jax.config import load_config
+    from tpt_jax.think.driver import run_think
+
+    folder = os.path.join(root, "ours")
+    vocab = {f"w{i}": i for i in range(model_cfg.vocab_size - 2)}
+    vocab.update({"<unk>": model_cfg.vocab_size - 2, "<eos>": model_cfg.vocab_size - 1})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<eos>"}, f)
+    rng = np.random.default_rng(1)
+    with open(os.path.join(root, "docs.jsonl"), "w") as f:
+        for i in range(4 * args.batch):
+            f.write(
+                json.dumps(
+                    {"id": str(i), "text": " ".join(f"w{j}" for j in rng.integers(0, 30000, 40))}
+                )
+                + "\n"
+            )
+    with open(os.path.join(root, "think.yaml"), "w") as f:
+        f.write(
+            f"""
+think:
+  model_dir: {folder}
+  output_dir: {root}/think_out
+  corpus: {{name: docs, paths: ["{root}/docs.jsonl"]}}
+  template: "{os.path.join(root, "template.txt")}"
+  chat_template: false
+  max_document_tokens: {args.prompt}
+  max_new_tokens: {args.new}
+  dtype: {model_cfg.dtype}
+  temperature: 0.0
+  stop: []
+  max_concurrent_decodes: {args.batch}
+  chunk_size: {args.batch}
+"""
+        )
+    with open(os.path.join(root, "template.txt"), "w") as f:
+        f.write("{document}")
+    cfg = load_config(os.path.join(root, "think.yaml"))
+    start = time.perf_counter()
+    summary = run_think(cfg)
+    return summary["thinking_tokens"] / (time.perf_counter() - start)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -107,6 +159,10 @@ def main() -> int:
         f"tpt_jax engine: {ours_rate:,.0f} new tokens/s (prefill included), {step * 1e3:.1f} ms per decode step"
     )
     print(f"ratio engine / HF: {ours_rate / hf_rate:.2f}x")
+
+    driver_rate = driver_throughput(root, cfg, args)
+    print(f"tpt think driver (local engine, continuous batching): {driver_rate:,.0f} new tokens/s")
+    print(f"ratio driver / engine: {driver_rate / ours_rate:.2f}")
 
     matmul = matmul_flops_per_second(args.dtype)
     bandwidth = memory_bandwidth()

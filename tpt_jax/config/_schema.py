@@ -256,6 +256,8 @@ class ThinkConfig:
 
     Attributes:
         model_dir: the generator as written by `tpt convert from-hf` (with its tokenizer files).
+        dtype: compute dtype of generation; empty keeps the model folder's (bfloat16 by
+            default: right on TPUs and GPUs, but several times slower than float32 on CPUs).
         corpus: the documents to augment.
         output_dir: where augmented records go, one folder per shard, committed in chunks.
         template: built-in template name (default, random_focus, back_thinking) or a file path.
@@ -280,6 +282,7 @@ class ThinkConfig:
     """
 
     model_dir: str = ""
+    dtype: str = ""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     output_dir: str = ""
     template: str = "default"

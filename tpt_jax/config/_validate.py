@@ -116,6 +116,8 @@ def validate(cfg: schema.Config) -> None:
     th = cfg.think
     _choice(cfg, "think.on_length", th.on_length, ("keep", "drop", "truncate"))
     _choice(cfg, "think.backend", th.backend, ("local", "jetstream"))
+    if th.dtype:
+        _choice(cfg, "think.dtype", th.dtype, schema.DTYPES)
     _positive(cfg, "think.concurrency", th.concurrency)
     _positive(cfg, "think.timeout_s", th.timeout_s)
     _positive(cfg, "think.retries", th.retries, allow_zero=True)

@@ -159,17 +159,16 @@ def _outcome(
 
 def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:
     """Continuous batching over the in-process engine: a finished slot is refilled at once."""
-    from tpt_jax.model import param_shapes
-    from tpt_jax.model._store import load_model_config, restore_params
     from tpt_jax.think.engine import TptEngine, pad_prompt
+    from tpt_jax.think.generate import load_generator
 
     t = cfg.think
-    model_cfg = load_model_config(t.model_dir)
+    model_cfg, model_params = load_generator(t.model_dir, t.dtype)
     overhead = len(tokenizer.encode(prompt_of(Document("", "", None, {}, "", 0))[0]))
     max_prefill = 1 << (overhead + t.max_document_tokens + 16).bit_length()
     engine = TptEngine(
         model_cfg,
-        restore_params(t.model_dir, param_shapes(model_cfg)),
+        model_params,
         max_concurrent_decodes=t.max_concurrent_decodes,
         max_prefill_length=max_prefill,
         max_target_length=max_prefill + t.max_new_tokens + 1,

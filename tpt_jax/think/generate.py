@@ -19,6 +19,17 @@ from tpt_jax.model._layers import DecoderLayer, RMSNorm, contract
 from tpt_jax.think.sampling import sample
 
 
+def load_generator(model_dir: str, dtype: str = "") -> tuple[ModelConfig, dict]:
+    """(model config, parameters) of a `tpt convert from-hf` folder, computing in `dtype` if set."""
+    from tpt_jax.model import param_shapes
+    from tpt_jax.model._store import load_model_config, restore_params
+
+    cfg = load_model_config(model_dir)
+    if dtype:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    return cfg, restore_params(model_dir, param_shapes(cfg))
+
+
 def unstack_layers(params: dict) -> dict:
     """The decoder's parameters with the stacked layer axis split into a list of layers.
 

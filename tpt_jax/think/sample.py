@@ -12,8 +12,7 @@ def run_sample(
     cfg: Config, prompts: list[str], max_new_tokens: int, raw: bool = False
 ) -> list[str]:
     """Completion text of each prompt (generation stops at EOS or a think.stop string)."""
-    from tpt_jax.model import param_shapes
-    from tpt_jax.model._store import load_model_config, restore_params
+    from tpt_jax.think.generate import load_generator
 
     t = cfg.think
     if not t.model_dir:
@@ -21,8 +20,7 @@ def run_sample(
             "tpt sample needs think.model_dir (a folder written by `tpt convert from-hf`)"
         )
     tokenizer = GeneratorTokenizer(t.model_dir)
-    model_cfg = load_model_config(t.model_dir)
-    params = restore_params(t.model_dir, param_shapes(model_cfg))
+    model_cfg, params = load_generator(t.model_dir, t.dtype)
     texts = [
         p if raw or not (t.chat_template and tokenizer.has_chat_template) else tokenizer.chat(p)
         for p in prompts

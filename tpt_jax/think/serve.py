@@ -62,14 +62,13 @@ def start_server(
     """Loads think.model_dir and serves it on localhost:port (all local devices, interleaved)."""
     import jax
 
-    from tpt_jax.model import param_shapes
-    from tpt_jax.model._store import load_model_config, restore_params
+    from tpt_jax.think.generate import load_generator
 
     t = cfg.think
-    model_cfg = load_model_config(t.model_dir)
+    model_cfg, params = load_generator(t.model_dir, t.dtype)
     engine = ServingEngine(
         model_cfg,
-        restore_params(t.model_dir, param_shapes(model_cfg)),
+        params,
         tokenizer=GeneratorTokenizer(t.model_dir),
         max_concurrent_decodes=t.max_concurrent_decodes,
         max_prefill_length=max_prefill_length,
