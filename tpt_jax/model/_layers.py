@@ -122,18 +122,6 @@ def _attend(qh, kh, vh, mask):
     return jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
 
 
-def grouped_attention(q, k, v, mask):
-    """Softmax attention with grouped key/value heads.
-
-    Args:
-        q: [B, T, H, D]; k, v: [B, S, KV, D] with H a multiple of KV; mask: bool [B, T, S].
-
-    Returns:
-        [B, T, H, D] in v's dtype. Scores and softmax run in float32.
-    """
-    return _seq_major(_attend(*_heads_major(q, k, v), mask))
-
-
 def causal_attention(q, k, v, segment_ids, block: int):
     """Self-attention over packed rows: causal, never across segments.
 
