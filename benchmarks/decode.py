@@ -100,7 +100,7 @@ def main() -> int:
     from tpt_jax.model import param_count, param_shapes
     from tpt_jax.model._store import load_model_config, restore_params
     from tpt_jax.model.convert import hf_to_tpt
-    from tpt_jax.think.engine import TptEngine, pad_prompt
+    from tpt_jax.think.slots import SlotEngine, pad_prompt
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
@@ -131,7 +131,7 @@ def main() -> int:
     hf_rate = args.batch * args.new / seconds
     print(f"HF transformers generate: {hf_rate:,.0f} new tokens/s")
 
-    engine = TptEngine(
+    engine = SlotEngine(
         cfg, params, max_concurrent_decodes=args.batch, max_prefill_length=args.prompt,
         max_target_length=args.prompt + args.new + 1,
     )  # fmt: skip
@@ -149,7 +149,7 @@ def main() -> int:
         prefill_done = time.perf_counter()
         for _ in range(new_tokens):
             state, result = engine.generate(params, state)
-        jax.block_until_ready(result.data)
+        jax.block_until_ready(result)
         return time.perf_counter() - start, (time.perf_counter() - prefill_done) / new_tokens
 
     run(4)  # compile

@@ -13,7 +13,7 @@ from tpt_jax.config import load_config
 from tpt_jax.data import synthetic
 from tpt_jax.model import Decoder, init_params
 from tpt_jax.model._store import save_model
-from tpt_jax.train import RunCheckpoints, TrainingDivergedError, loss_sums, train
+from tpt_jax.train import RunCheckpoints, TrainingDivergedError, loss_sums, restore_latest, train
 from tpt_jax.train.run import synthetic_sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,19 +44,7 @@ def _records(run_dir):
 
 
 def _final_params(cfg, run_dir, devices):
-    from tpt_jax.parallel import make_mesh, rules_from_config
-    from tpt_jax.train import learning_rate, make_optimizer, state_shardings
-
-    tx = make_optimizer(cfg.optimizer, learning_rate(cfg.schedule, cfg.train.steps))
-    abstract, _ = state_shardings(
-        cfg.model, tx, make_mesh(cfg, devices), rules_from_config(cfg.mesh.rules)
-    )
-    checkpoints = RunCheckpoints(run_dir, cfg.checkpoint)
-    try:
-        state, meta = checkpoints.restore(checkpoints.latest_step(), abstract)
-    finally:
-        checkpoints.close()
-    return state, meta
+    return restore_latest(cfg, run_dir, devices)
 
 
 def test_resume_in_a_new_process_is_bit_identical(tmp_path):

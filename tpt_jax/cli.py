@@ -194,18 +194,24 @@ def _cmd_vocab(args: argparse.Namespace) -> None:
     print(f"vocab: wrote {out} ({digest}); input: {rejects.summary()}")
 
 
+def _default_config(args: argparse.Namespace, name: str) -> None:
+    """For commands whose config is optional: a first `key=value` is an override, not a file."""
+    if args.config is not None and "=" in args.config:
+        args.overrides, args.config = [args.config, *args.overrides], None
+    args.config = args.config or os.path.join(CONFIG_DIR, name)
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from tpt_jax.bench import benchmark_train_step, format_result
 
-    if args.config is not None and "=" in args.config:
-        args.overrides, args.config = [args.config, *args.overrides], None
-    args.config = args.config or os.path.join(CONFIG_DIR, "bench.yaml")
+    _default_config(args, "bench.yaml")
     print(format_result(benchmark_train_step(_load(args), steps=args.steps)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from tpt_jax.demo import run_demo
 
+    _default_config(args, "demo.yaml")
     run_demo(args.config, args.overrides, args.out)
 
 

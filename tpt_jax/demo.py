@@ -20,37 +20,18 @@ from tpt_jax.data import synthetic
 from tpt_jax.model import Decoder, param_shapes
 from tpt_jax.model._store import restore_params, save_model
 from tpt_jax.model.convert import hf_to_tpt, tpt_to_hf
-from tpt_jax.train import RunCheckpoints, state_shardings
-from tpt_jax.train._optimizer import learning_rate, make_optimizer
+from tpt_jax.train import restore_latest
 from tpt_jax.train.run import run_training
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.yaml")
 
-
-def _trained_params(cfg, run_dir: str) -> dict:
-    from tpt_jax.parallel import make_mesh, rules_from_config
-
-    tx = make_optimizer(cfg.optimizer, learning_rate(cfg.schedule, cfg.train.steps))
-    mesh = make_mesh(cfg)
-    abstract, _ = state_shardings(cfg.model, tx, mesh, rules_from_config(cfg.mesh.rules))
-    checkpoints = RunCheckpoints(run_dir, cfg.checkpoint)
-    try:
-        state, _ = checkpoints.restore(checkpoints.latest_step(), abstract)
-    finally:
-        checkpoints.close()
-    return jax.device_get(state.params)
-
-
-def run_demo(config: str | None, overrides: list[str], out_dir: str) -> None:
-    if config is not None and "=" in config:
-        overrides, config = [config, *overrides], None
+def run_demo(config: str, overrides: list[str], out_dir: str) -> None:
     overrides = [
         f"checkpoint.output_dir={os.path.join(out_dir, 'runs')}",
         "train.eval_every=50",
         *overrides,
     ]
-    cfg = load_config(config or DEFAULT_CONFIG, overrides)
-    result = run_training(cfg, config or DEFAULT_CONFIG, quiet_config=True)
+    cfg = load_config(config, overrides)
+    result = run_training(cfg, config, quiet_config=True)
 
     with open(os.path.join(result.run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -60,7 +41,7 @@ def run_demo(config: str | None, overrides: list[str], out_dir: str) -> None:
         f"{first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f}, held-out loss {result.eval_loss}"
     )
 
-    params = _trained_params(cfg, result.run_dir)
+    params = jax.device_get(restore_latest(cfg, result.run_dir)[0].params)
     ours, hf, back = (os.path.join(out_dir, name) for name in ("model", "hf", "model_from_hf"))
     save_model(ours, cfg.model, params)
     tpt_to_hf(ours, hf, dtype="float32")

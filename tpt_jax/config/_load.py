@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tpt_jax.config._schema import Config
+from tpt_jax.config._schema import Config, origin_of
 from tpt_jax.config._validate import validate
 from tpt_jax.errors import ConfigError
 
@@ -133,7 +133,7 @@ def _build(cls: type, data: Any, prefix: str, sources: dict) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(
             f"{where} must be a mapping, got {_describe(data)} "
-            f"({_origin(sources, prefix.rstrip('.'))})"
+            f"({origin_of(sources, prefix.rstrip('.'))})"
         )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
@@ -143,13 +143,13 @@ def _build(cls: type, data: Any, prefix: str, sources: dict) -> Any:
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
-            raise ConfigError(f"unknown config key '{dotted}' ({_origin(sources, dotted)}){hint}")
+            raise ConfigError(f"unknown config key '{dotted}' ({origin_of(sources, dotted)}){hint}")
         kind = hints[key]
         item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
         if dataclasses.is_dataclass(kind):
             kwargs[key] = _build(kind, value, dotted + ".", sources)
         elif item is not None and dataclasses.is_dataclass(item):
-            origin = _origin(sources, dotted)
+            origin = origin_of(sources, dotted)
             if isinstance(value, _Override):
                 value = value.value
             if not isinstance(value, list):
@@ -160,17 +160,8 @@ def _build(cls: type, data: Any, prefix: str, sources: dict) -> Any:
                 sources.setdefault(f"{dotted}[{i}]", origin)
             kwargs[key] = [_build(item, v, f"{dotted}[{i}].", sources) for i, v in enumerate(value)]
         else:
-            kwargs[key] = _coerce(kind, value, dotted, _origin(sources, dotted))
+            kwargs[key] = _coerce(kind, value, dotted, origin_of(sources, dotted))
     return cls(**kwargs)
-
-
-def _origin(sources: dict, dotted: str) -> str:
-    """The file or override that set `dotted` or its nearest enclosing key."""
-    while dotted:
-        if dotted in sources:
-            return sources[dotted]
-        dotted = dotted.rpartition(".")[0]
-    return "the defaults"
 
 
 def _coerce(kind: type, value: Any, dotted: str, origin: str) -> Any:

@@ -343,8 +343,13 @@ class Config:
 
     def source_of(self, key: str) -> str:
         """The file or override that set `key` (dotted), or "the defaults"."""
-        while key:
-            if key in self.sources:
-                return self.sources[key]
-            key = key.rpartition(".")[0]
-        return "the defaults"
+        return origin_of(self.sources, key)
+
+
+def origin_of(sources: dict, key: str) -> str:
+    """The file or override that set dotted `key` or its nearest enclosing key."""
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return "the defaults"

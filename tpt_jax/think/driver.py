@@ -159,14 +159,14 @@ def _outcome(
 
 def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:
     """Continuous batching over the in-process engine: a finished slot is refilled at once."""
-    from tpt_jax.think.engine import TptEngine, pad_prompt
     from tpt_jax.think.generate import load_generator
+    from tpt_jax.think.slots import SlotEngine, pad_prompt
 
     t = cfg.think
     model_cfg, model_params = load_generator(t.model_dir, t.dtype)
     overhead = len(tokenizer.encode(prompt_of(Document("", "", None, {}, "", 0))[0]))
     max_prefill = 1 << (overhead + t.max_document_tokens + 16).bit_length()
-    engine = TptEngine(
+    engine = SlotEngine(
         model_cfg,
         model_params,
         max_concurrent_decodes=t.max_concurrent_decodes,
@@ -198,7 +198,7 @@ def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) ->
         if not slots:
             return
         state, result = engine.generate(params, state)
-        tokens = np.asarray(result.data)[:, 0]
+        tokens = np.asarray(result)[:, 0]
         for slot_index, slot in list(slots.items()):
             slot.tokens.append(int(tokens[slot_index]))
             if _stopped(tokenizer, slot.tokens, t.stop, t.max_new_tokens):

@@ -8,7 +8,6 @@ these functions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,6 @@ import numpy as np
 
 from tpt_jax.config import ModelConfig
 from tpt_jax.model._layers import DecoderLayer, RMSNorm, contract
-from tpt_jax.think.sampling import sample
 
 
 def load_generator(model_dir: str, dtype: str = "") -> tuple[ModelConfig, dict]:
@@ -112,69 +110,48 @@ class SamplingParams:
     seed: int = 0
 
 
-def _bucket(length: int) -> int:
-    """Prompt lengths are padded to powers of two (at least 16) so prefill compiles a few times."""
-    return max(16, 1 << (length - 1).bit_length())
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _prefill(params, cfg, tokens, lengths):
-    return prefill(params, cfg, tokens, lengths)
-
-
-@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(2,))
-def _decode_and_sample(params, cfg, cache, lengths, tokens, keys, temperature, top_k, top_p):
-    logits, cache = decode(params, cfg, cache, lengths, tokens)
-    return sample(logits, keys, temperature, top_k, top_p), cache
-
-
 def generate(
     params: dict,
     cfg: ModelConfig,
     prompts: list[list[int]],
     max_new_tokens: int,
-    sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
+    sampling: SamplingParams | list[SamplingParams] | None = None,
     eos_id: int | None = None,
 ) -> list[list[int]]:
-    """Generates for a batch of prompts (different lengths) until EOS or max_new_tokens.
+    """Generates for a batch of prompts (different lengths) until EOS or max_new_tokens, one
+    decode slot per prompt of a `SlotEngine`.
 
     Returns the new tokens of each prompt (EOS included when produced).
     """
-    batch = len(prompts)
-    per_row = sampling if isinstance(sampling, list) else [sampling] * batch
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    width = _bucket(int(lengths.max()))
-    tokens = np.zeros((batch, width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    params = unstack_layers(params)
-    last, kv = _prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths))
-    max_len = width + max_new_tokens
-    cache = [
-        tuple(empty.at[:, :, :width].set(x) for empty, x in zip(layer_empty, layer_kv, strict=True))
-        for layer_empty, layer_kv in zip(empty_cache(cfg, batch, max_len), kv, strict=True)
-    ]
-    temperature = jnp.array([s.temperature for s in per_row], jnp.float32)
-    top_k = jnp.array([s.top_k for s in per_row], jnp.int32)
-    top_p = jnp.array([s.top_p for s in per_row], jnp.float32)
-    base_keys = [jax.random.key(s.seed) for s in per_row]
+    from tpt_jax.think.slots import SlotEngine, pad_prompt
 
-    def keys_at(step):
-        return jnp.stack([jax.random.fold_in(k, step) for k in base_keys])
-
-    first = sample(last, keys_at(0), temperature, top_k, top_p)
-    out = [[int(t)] for t in np.asarray(first)]
-    done = np.array([eos_id is not None and row[-1] == eos_id for row in out])
-    current, positions = first, jnp.asarray(lengths)
-    for step in range(1, max_new_tokens):
-        if done.all():
-            break
-        current, cache = _decode_and_sample(
-            params, cfg, cache, positions, current, keys_at(step), temperature, top_k, top_p
+    per_row = (
+        sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompts)
+    )
+    longest = max(16, 1 << (max(len(p) for p in prompts) - 1).bit_length())
+    engine = SlotEngine(
+        cfg,
+        params,
+        max_concurrent_decodes=len(prompts),
+        max_prefill_length=longest,
+        max_target_length=longest + max_new_tokens + 1,
+    )
+    params = engine.load_params()
+    state = engine.init_decode_state()
+    for slot, (prompt, row_sampling) in enumerate(zip(prompts, per_row, strict=True)):
+        padded, length = pad_prompt(prompt, engine.max_prefill_length)
+        prefix = engine.prefill(
+            params=params, padded_tokens=padded, true_length=length, sampling=row_sampling
         )
-        positions = positions + 1
-        for i, t in enumerate(np.asarray(current)):
+        state = engine.insert(prefix, state, slot)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        if all(done):
+            break
+        state, data = engine.generate(params, state)
+        for i, token in enumerate(np.asarray(data)[:, 0]):
             if not done[i]:
-                out[i].append(int(t))
-                done[i] = eos_id is not None and int(t) == eos_id
+                out[i].append(int(token))
+                done[i] = eos_id is not None and int(token) == eos_id
     return out

@@ -54,9 +54,6 @@ class RunCheckpoints:
         restored = self._manager.restore(step, args=args)
         return restored["state"], restored["meta"]
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

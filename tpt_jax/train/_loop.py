@@ -97,14 +97,45 @@ class CompiledTrainer:
         }
 
 
-def compile_trainer(cfg: Config, devices: list | None = None) -> CompiledTrainer:
-    t = cfg.train
+@dataclasses.dataclass
+class _Layout:
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    schedule: Callable
+    tx: object
+    abstract: object
+    shardings: object
+
+
+def _layout(cfg: Config, devices: list | None) -> _Layout:
+    """Mesh, optimizer and the train state's abstract shapes and shardings for a config."""
     mesh = make_mesh(cfg, devices)
     rules = rules_from_config(cfg.mesh.rules)
-    schedule = learning_rate(cfg.schedule, t.steps)
+    schedule = learning_rate(cfg.schedule, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)
-    model = Decoder(cfg.model)
     abstract, shardings = state_shardings(cfg.model, tx, mesh, rules)
+    return _Layout(mesh, rules, schedule, tx, abstract, shardings)
+
+
+def restore_latest(cfg: Config, run_dir: str, devices: list | None = None):
+    """(state, meta) of a run's latest checkpoint, placed on cfg's mesh over `devices`."""
+    layout = _layout(cfg, devices)
+    checkpoints = RunCheckpoints(run_dir, cfg.checkpoint)
+    try:
+        latest = checkpoints.latest_step()
+        if latest is None:
+            raise TptError(f"{checkpoints.directory}: no checkpoint to restore")
+        return checkpoints.restore(latest, layout.abstract)
+    finally:
+        checkpoints.close()
+
+
+def compile_trainer(cfg: Config, devices: list | None = None) -> CompiledTrainer:
+    t = cfg.train
+    layout = _layout(cfg, devices)
+    mesh, rules, schedule, tx = layout.mesh, layout.rules, layout.schedule, layout.tx
+    abstract, shardings = layout.abstract, layout.shardings
+    model = Decoder(cfg.model)
     data_sharding = batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     shape = (t.global_batch, t.seq_len)

@@ -1,0 +1,208 @@
+"""The decode-slot engine: a KV cache with one slot per request, driven by prefill / insert /
+generate, compiled once per shape.
+
+prefill(padded prompt) -> prefix: the prompt's keys/values, its true length and its first sampled
+    token (sampled with the request's own settings and seed);
+insert(prefix, state, slot) -> state with that request in decode slot `slot`;
+generate(params, state) -> (state, tokens): every slot emits its pending token and computes the
+    next one, in one compiled step over all slots.
+
+`TptEngine` (engine.py) adapts it to JetStream's Engine API; the offline driver and `generate`
+use it directly, without importing JetStream.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tpt_jax.config import ModelConfig
+from tpt_jax.think.generate import SamplingParams, decode, empty_cache, prefill, unstack_layers
+from tpt_jax.think.sampling import sample
+
+
+class SlotEngine:
+    """Decode slots over the decoder's KV cache: prefill, insert, generate (pure JAX, no JetStream).
+
+    Args:
+        cfg: the model.
+        params: parameters (or None, then `load_params` must be given them).
+        max_concurrent_decodes: decode slots.
+        max_prefill_length: longest prompt (prompts are padded to this bucket or a smaller power of 2).
+        max_target_length: prompt + generated tokens per slot (the KV cache length).
+        sampling: default sampling for requests that do not bring their own.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Any = None,
+        *,
+        max_concurrent_decodes: int = 16,
+        max_prefill_length: int = 1024,
+        max_target_length: int = 2048,
+        sampling: SamplingParams | None = None,
+    ):
+        self.cfg = cfg
+        self._params = params
+        self._slots = max_concurrent_decodes
+        self._max_prefill = max_prefill_length
+        self._max_target = max_target_length
+        self.default_sampling = sampling or SamplingParams()
+        self._prefill = jax.jit(self._prefill_impl)
+        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
+        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+
+    def load_params(self, *args, **kwargs) -> Any:
+        """The parameters in the engine's layout (layers unstacked): pass these to prefill/generate."""
+        if args:
+            self._params = args[0]
+        if self._params is None:
+            raise ValueError(
+                "the engine has no parameters: pass them to the constructor or load_params"
+            )
+        if not isinstance(self._params["layers"], list):
+            self._params = jax.device_put(unstack_layers(self._params))
+        return self._params
+
+    def init_decode_state(self, *args, **kwargs) -> dict:
+        slots = self._slots
+        return {
+            "cache": empty_cache(
+                self.cfg, slots, self._max_target
+            ),  # per layer (k, v) [S, KV, T, D]
+            "lengths": jnp.zeros(slots, jnp.int32),  # cache positions filled
+            "tokens": jnp.zeros(slots, jnp.int32),  # the token each slot emits next
+            "generated": jnp.zeros(slots, jnp.int32),
+            "active": jnp.zeros(slots, bool),
+            "temperature": jnp.zeros(slots, jnp.float32),
+            "top_k": jnp.zeros(slots, jnp.int32),
+            "top_p": jnp.ones(slots, jnp.float32),
+            "keys": jax.random.split(jax.random.key(0), slots),
+        }
+
+    def prefill(
+        self,
+        *,
+        params: Any,
+        existing_prefix: Any = None,
+        padded_tokens: jax.Array,
+        true_length: int,
+        sampling: SamplingParams | None = None,
+    ) -> dict:
+        if existing_prefix is not None:
+            raise NotImplementedError("prefix caching (existing_prefix) is not supported")
+        s = sampling or self.default_sampling
+        tokens = jnp.asarray(padded_tokens, jnp.int32)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        return self._prefill(
+            params,
+            tokens,
+            jnp.asarray([true_length], jnp.int32),
+            jnp.float32(s.temperature),
+            jnp.int32(s.top_k),
+            jnp.float32(s.top_p),
+            jax.random.key(s.seed),
+        )
+
+    def insert(self, prefix: dict, decode_state: dict, slot: int) -> dict:
+        return self._insert(prefix, decode_state, jnp.int32(slot))
+
+    def generate(self, params: Any, decode_state: dict) -> tuple[dict, jax.Array]:
+        """Every slot emits its pending token. Returns (state, int32 [slots, 3]) with columns
+        (emitted token, slot active, tokens generated so far)."""
+        return self._generate(params, decode_state)
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._slots
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._max_prefill
+
+    @property
+    def max_target_length(self) -> int:
+        return self._max_target
+
+    # --- compiled bodies -----------------------------------------------------------------------
+
+    def _prefill_impl(self, params, tokens, length, temperature, top_k, top_p, key):
+        last, kv = prefill(params, self.cfg, tokens, length)
+        # Token i of a request is drawn with fold_in(key(seed), i), as in `generate`.
+        first = sample(
+            last, jax.random.fold_in(key, 0)[None], temperature[None], top_k[None], top_p[None]
+        )[0]
+        return {
+            "kv": [(k[0], v[0]) for k, v in kv],  # per layer, [KV, T, D] each
+            "length": length[0],
+            "token": first,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "key": key,
+        }
+
+    def _insert_impl(self, prefix, state, slot):
+        def place(cache, new):  # the slot's old contents are cleared, then the prompt written
+            return cache.at[slot].set(jnp.zeros_like(cache[slot]).at[:, : new.shape[1]].set(new))
+
+        return {
+            "cache": [
+                (place(k, new_k), place(v, new_v))
+                for (k, v), (new_k, new_v) in zip(state["cache"], prefix["kv"], strict=True)
+            ],
+            "lengths": state["lengths"].at[slot].set(prefix["length"]),
+            "tokens": state["tokens"].at[slot].set(prefix["token"]),
+            "generated": state["generated"].at[slot].set(0),
+            "active": state["active"].at[slot].set(True),
+            "temperature": state["temperature"].at[slot].set(prefix["temperature"]),
+            "top_k": state["top_k"].at[slot].set(prefix["top_k"]),
+            "top_p": state["top_p"].at[slot].set(prefix["top_p"]),
+            "keys": state["keys"].at[slot].set(prefix["key"]),
+        }
+
+    def _generate_impl(self, params, state):
+        emitted = state["tokens"]
+        generated = state["generated"] + 1
+        # Inactive slots still compute (fixed shapes); their position is clamped into the cache.
+        positions = jnp.minimum(state["lengths"], self._max_target - 1)
+        logits, cache = decode(params, self.cfg, state["cache"], positions, emitted)
+        step_keys = jax.vmap(jax.random.fold_in)(state["keys"], generated)
+        following = sample(logits, step_keys, state["temperature"], state["top_k"], state["top_p"])
+        data = jnp.stack([emitted, state["active"].astype(jnp.int32), generated], axis=1)
+        new_state = dict(
+            state,
+            cache=cache,
+            lengths=state["lengths"] + 1,
+            tokens=following,
+            generated=generated,
+        )
+        return new_state, data
+
+
+@functools.cache
+def bucket_lengths(max_prefill_length: int) -> tuple[int, ...]:
+    """Prefill buckets: powers of two from 16 up to max_prefill_length (inclusive)."""
+    sizes, size = [], 16
+    while size < max_prefill_length:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_prefill_length)
+
+
+def pad_prompt(tokens: list[int], max_prefill_length: int) -> tuple[np.ndarray, int]:
+    """Right-pads a prompt to its bucket; returns (padded [bucket], true length)."""
+    if len(tokens) > max_prefill_length:
+        raise ValueError(
+            f"prompt of {len(tokens)} tokens exceeds max_prefill_length={max_prefill_length}"
+        )
+    bucket = next(b for b in bucket_lengths(max_prefill_length) if b >= len(tokens))
+    padded = np.zeros(bucket, np.int32)
+    padded[: len(tokens)] = tokens
+    return padded, len(tokens)
