@@ -94,3 +94,27 @@ def test_engine_api_surface(params):
     with pytest.raises(ValueError, match="exceeds max_prefill_length"):
         pad_prompt(list(range(65)), 64)
     assert pad_prompt([1, 2, 3], 64)[0].shape == (16,)
+
+
+def test_sharded_kv_cache_gives_the_same_tokens(params):
+    """On a data x tensor mesh the cache is split over slots and kv heads; tokens do not change."""
+    from jax.sharding import Mesh, PartitionSpec
+
+    rng = np.random.default_rng(1)
+    hot = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=5)
+    requests = [
+        (rng.integers(2, 128, size=int(n)).tolist(), budget, sampling)
+        for n, budget, sampling in [(5, 6, SamplingParams()), (17, 7, hot), (9, 5, hot)]
+        + [(2, 8, SamplingParams()), (11, 4, hot), (3, 6, SamplingParams())]
+    ]
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    kwargs = dict(max_concurrent_decodes=4, max_prefill_length=32, max_target_length=64)
+    sharded = TptEngine(CFG, params, mesh=mesh, **kwargs)
+    loaded = sharded.load_params()
+    gate = loaded["layers"][0]["mlp"]["gate"]["kernel"]
+    assert gate.sharding.spec == PartitionSpec("fsdp", "tensor")
+    cache = sharded.init_decode_state()["cache"][0][0]
+    assert cache.sharding.spec == PartitionSpec(("data", "fsdp"), "tensor", None, None)
+    assert cache.addressable_shards[0].data.shape == (1, 1, 64, 16)
+    alone = TptEngine(CFG, params, **kwargs)
+    assert _run(sharded, loaded, requests, 100) == _run(alone, alone.load_params(), requests, 100)

@@ -1,5 +1,6 @@
 """`tpt think`: crash safety under SIGKILL, exactly-once output, bad documents, summary and plot."""
 
+import glob
 import json
 import os
 import signal
@@ -243,3 +244,85 @@ def test_jetstream_backend_completes_the_corpus_and_keeps_failures_pending(setup
     for doc_id, record in remote.items():
         assert record["thinking"] == local[doc_id]["thinking"], doc_id
         assert record["meta"]["finish_reason"] == local[doc_id]["meta"]["finish_reason"]
+
+
+def _start_transformers_serve(folder, port, log):
+    """`transformers serve` (HF's own OpenAI-compatible server) on the exported generator."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", folder]
+    args += ["--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    with open(log, "a") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 120
+    while "Uvicorn running" not in log.read_text() and time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.2)
+    return proc
+
+
+def test_openai_backend_survives_a_server_restart(setup):
+    """A real OpenAI-compatible server (`transformers serve`) is killed and restarted mid-run.
+
+    Stop strings stay off here (HF's stop-string matcher fails on this word-level tokenizer). The
+    reference is HF `generate` itself: near-ties of this random model's logits may break
+    differently in our engine, which tests/test_generate.py compares with HF on its own."""
+    hf = setup / "gen_hf"
+    subprocess.run(
+        [sys.executable, "-m", "tpt_jax", "convert", "to-hf", str(setup / "gen"), str(hf)],
+        check=True,
+        capture_output=True,
+    )
+    port, log = _free_port(), setup / "openai.log"
+    extra = f"  stop: []\n  backend: openai\n  address: 127.0.0.1:{port}\n  model_name: {hf}\n"
+    config = _config(setup, "openai", extra + "  concurrency: 2\n  retries: 8\n  timeout_s: 30")
+    folder = shard_folder(str(setup / "openai"), 0, 1)
+    server = _start_transformers_serve(str(hf), port, log)
+    driver = subprocess.Popen(
+        _think(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not glob.glob(os.path.join(folder, "chunk-*.jsonl")):
+            time.sleep(0.05)
+        server.kill()  # mid-run: requests in flight fail and are retried with backoff
+        server.wait()
+        assert driver.poll() is None, "the driver should still be running"
+        server = _start_transformers_serve(str(hf), port, log)
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        server.kill()
+        driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    records = committed_records(folder)
+    remote = {r["id"]: r for r in records}
+    assert len(records) == len(remote) == 41
+    reference = _hf_greedy(config, hf, records)
+    for doc_id, record in remote.items():
+        assert record["thinking"] == reference[doc_id], doc_id
+        capped = record["meta"]["thinking_tokens"] >= 24
+        assert record["meta"]["finish_reason"] == ("length" if capped else "stop"), doc_id
+    assert "retry" in output  # the kill landed mid-run
+
+
+def _hf_greedy(config, hf, records):
+    """What the server should answer: HF `generate` (greedy) on the driver's prompt of each record."""
+    import torch
+    import transformers
+
+    from tpt_jax.config import load_config
+    from tpt_jax.think.driver import _prompt
+    from tpt_jax.think.prompts import load_template
+
+    cfg = load_config(config)
+    tokenizer = GeneratorTokenizer(cfg.think.model_dir)
+    template = load_template(cfg.think.template)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf)
+    reference = {}
+    for record in records:
+        document, _ = tokenizer.truncate(record["text"], cfg.think.max_document_tokens)
+        prompt = _prompt(tokenizer, template, document, cfg, record["id"])
+        ids = torch.tensor([hf_tok(prompt, add_special_tokens=False)["input_ids"]])
+        out = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
+        reference[record["id"]] = hf_tok.decode(out, skip_special_tokens=True).strip()
+    return reference

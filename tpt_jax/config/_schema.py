@@ -272,9 +272,12 @@ class ThinkConfig:
         chunk_size: finished documents per atomically committed output chunk.
         max_concurrent_decodes: decode slots of the engine (continuous batching).
         group_by: metadata field the summary and plot break thinking lengths down by.
-        backend: "local" (the engine in this process) or "jetstream" (a JetStream gRPC server
-            at `address`, e.g. `tpt serve` or MaxText's; it samples with its own settings).
-        address: host:port of the remote server.
+        backend: "local" (the engine in this process), "jetstream" (a JetStream gRPC server
+            at `address`, e.g. `tpt serve` or MaxText's; it samples with its own settings), or
+            "openai" (an OpenAI-compatible `/v1/completions` server at `address`, e.g. vLLM).
+        address: host:port (or base URL) of the remote server.
+        model_name: the `model` field of OpenAI requests; empty: the name of `model_dir`.
+        api_key_env: environment variable holding the OpenAI server's API key, if it needs one.
         concurrency: requests in flight to a remote server.
         timeout_s: deadline of one remote request.
         retries: attempts after the first failure (exponential backoff); a document that still
@@ -300,6 +303,8 @@ class ThinkConfig:
     group_by: str = ""
     backend: str = "local"
     address: str = "localhost:9000"
+    model_name: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 16
     timeout_s: float = 600.0
     retries: int = 3

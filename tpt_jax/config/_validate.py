@@ -115,7 +115,7 @@ def validate(cfg: schema.Config) -> None:
 
     th = cfg.think
     _choice(cfg, "think.on_length", th.on_length, ("keep", "drop", "truncate"))
-    _choice(cfg, "think.backend", th.backend, ("local", "jetstream"))
+    _choice(cfg, "think.backend", th.backend, ("local", "jetstream", "openai"))
     if th.dtype:
         _choice(cfg, "think.dtype", th.dtype, schema.DTYPES)
     _positive(cfg, "think.concurrency", th.concurrency)

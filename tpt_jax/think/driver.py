@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tpt_jax.config import Config
 from tpt_jax.data.readers import Document, read_corpus
 from tpt_jax.data.rejects import RejectLog
+from tpt_jax.think.backends import Completion
 from tpt_jax.think.generate import SamplingParams
 from tpt_jax.think.prompts import load_template, render
 from tpt_jax.think.tokenizer import GeneratorTokenizer
@@ -66,9 +67,12 @@ class _Slot:
     truncated: bool
     tokens: list[int] = dataclasses.field(default_factory=list)
     failed: bool = False  # a remote request that failed after its retries: stays pending
+    completion: Completion | None = None  # a remote server's reply
 
 
-def _finish(slot: _Slot, text: str, reason: str, cfg: Config, template, generator: str) -> dict:
+def _finish(
+    slot: _Slot, text: str, reason: str, num_tokens: int, cfg: Config, template, generator: str
+) -> dict:
     t = cfg.think
     thinking = text
     if thinking.lstrip().startswith(THINK_OPEN):  # reasoning models open their own think block
@@ -88,7 +92,7 @@ def _finish(slot: _Slot, text: str, reason: str, cfg: Config, template, generato
         "seed": document_seed(t.seed, slot.doc.id),
         "prompt_tokens": slot.prompt_tokens,
         "document_truncated": slot.truncated,
-        "thinking_tokens": len(slot.tokens),
+        "thinking_tokens": num_tokens,
         "finish_reason": reason,
         "length_policy": t.on_length if reason == "length" else None,
     }
@@ -125,9 +129,9 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
         if slot.failed:
             failed += 1
             continue
-        generated_tokens += len(slot.tokens)
-        text, reason = _outcome(tokenizer, slot.tokens, t.stop, t.max_new_tokens)
-        finished.append(_finish(slot, text, reason, cfg, template, t.model_dir))
+        text, reason, num_tokens = _outcome(tokenizer, slot, t.stop, t.max_new_tokens)
+        generated_tokens += num_tokens
+        finished.append(_finish(slot, text, reason, num_tokens, cfg, template, t.model_dir))
         bar.update(1)
         bar.set_postfix(tok_s=f"{generated_tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
         if len(finished) >= t.chunk_size:
@@ -145,22 +149,34 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
 
 
 def _outcome(
-    tokenizer: GeneratorTokenizer, tokens: list[int], stops: list[str], cap: int
-) -> tuple[str, str]:
-    """(thinking text, finish reason) of a finished generation: cut at EOS or the first stop string."""
+    tokenizer: GeneratorTokenizer, slot: _Slot, stops: list[str], cap: int
+) -> tuple[str, str, int]:
+    """(thinking text, finish reason, generated tokens) of a finished generation, cut at EOS or
+    the first stop string."""
+    reply = slot.completion
+    if reply is not None and reply.text is not None:  # decoded by an OpenAI-compatible server
+        text, cut = _cut(reply.text, stops)
+        num_tokens = (
+            reply.num_tokens if reply.num_tokens is not None else len(tokenizer.encode(reply.text))
+        )
+        return text, "stop" if cut else (reply.finish_reason or "stop"), num_tokens
+    tokens = slot.tokens
     if tokenizer.eos_id is not None and tokenizer.eos_id in tokens:
-        return tokenizer.decode(tokens[: tokens.index(tokenizer.eos_id)]), "stop"
-    text = tokenizer.decode(tokens)
+        return tokenizer.decode(tokens[: tokens.index(tokenizer.eos_id)]), "stop", len(tokens)
+    text, cut = _cut(tokenizer.decode(tokens), stops)
+    return text, "stop" if cut or len(tokens) < cap else "length", len(tokens)
+
+
+def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     cuts = [text.find(s) for s in stops if s in text]
-    if cuts:
-        return text[: min(cuts)], "stop"
-    return text, "length" if len(tokens) >= cap else "stop"
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:
     """Continuous batching over the in-process engine: a finished slot is refilled at once."""
     from tpt_jax.think.generate import load_generator
-    from tpt_jax.think.slots import SlotEngine, pad_prompt
+    from tpt_jax.parallel import rules_from_config
+    from tpt_jax.think.slots import SlotEngine, local_mesh, pad_prompt
 
     t = cfg.think
     model_cfg, model_params = load_generator(t.model_dir, t.dtype)
@@ -172,6 +188,8 @@ def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) ->
         max_concurrent_decodes=t.max_concurrent_decodes,
         max_prefill_length=max_prefill,
         max_target_length=max_prefill + t.max_new_tokens + 1,
+        mesh=local_mesh(cfg),
+        rules=rules_from_config(cfg.mesh.rules),
     )
     params = engine.load_params()
     state = engine.init_decode_state()
@@ -217,18 +235,21 @@ def _remote_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -
     """Concurrent requests to a remote server; a request that finally fails is yielded as failed."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from tpt_jax.think.backends import BackendError, JetStreamBackend
+    from tpt_jax.think.backends import BackendError, make_backend
 
     t = cfg.think
-    backend = JetStreamBackend(t.address, t.timeout_s, t.retries)
+    backend = make_backend(t)
 
     def run(doc: Document) -> _Slot:
         prompt, truncated = prompt_of(doc)
         slot = _Slot(doc, len(tokenizer.encode(prompt)), truncated)
         try:
-            slot.tokens = backend.complete(prompt, t.max_new_tokens)
-        except BackendError:
+            reply = backend.complete(prompt, t.max_new_tokens, document_seed(t.seed, doc.id))
+        except BackendError as e:
+            tqdm.write(f"tpt think: {doc.id} left pending: {e}")
             slot.failed = True
+            return slot
+        slot.completion, slot.tokens = reply, reply.tokens or []
         return slot
 
     with ThreadPoolExecutor(max_workers=t.concurrency) as pool:

@@ -32,9 +32,8 @@ class TptEngine(SlotEngine, engine_api.Engine):
     def __init__(
         self, *args, tokenizer_path: str = "", mesh: jax.sharding.Mesh | None = None, **kwargs
     ):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, mesh=mesh, **kwargs)
         self._tokenizer_path = tokenizer_path
-        self._mesh = mesh or jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
 
     def generate(self, params: Any, decode_state: dict) -> tuple[dict, engine_api.ResultTokens]:
         state, data = super().generate(params, decode_state)
@@ -55,7 +54,7 @@ class TptEngine(SlotEngine, engine_api.Engine):
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
-        return self._mesh
+        return self._mesh or jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
 
     @property
     def colocated_cpus(self) -> None:

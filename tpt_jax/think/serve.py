@@ -59,10 +59,12 @@ class ServingEngine(TptEngine):
 def start_server(
     cfg: Config, port: int, max_prefill_length: int = 1024
 ) -> server_lib.JetStreamServer:
-    """Loads think.model_dir and serves it on localhost:port (all local devices, interleaved)."""
+    """Loads think.model_dir and serves it on localhost:port (the engine sharded over this host's devices)."""
     import jax
 
+    from tpt_jax.parallel import rules_from_config
     from tpt_jax.think.generate import load_generator
+    from tpt_jax.think.slots import local_mesh
 
     t = cfg.think
     model_cfg, params = load_generator(t.model_dir, t.dtype)
@@ -74,10 +76,12 @@ def start_server(
         max_prefill_length=max_prefill_length,
         max_target_length=max_prefill_length + t.max_new_tokens + 1,
         sampling=SamplingParams(t.temperature, t.top_k, t.top_p, t.seed),
+        mesh=local_mesh(cfg),
+        rules=rules_from_config(cfg.mesh.rules),
     )
-    devices = jax.devices()[:1]
+    devices = jax.local_devices()
     server_config = config_lib.ServerConfig(
-        interleaved_slices=(f"cpu={len(devices)}",),
+        interleaved_slices=(f"{devices[0].platform}={len(devices)}",),
         interleaved_engine_create_fns=(lambda _: engine,),
     )
     return server_lib.run(port=port, config=server_config, devices=devices, jax_padding=False)

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tpt_jax.config import ModelConfig
 from tpt_jax.think.generate import SamplingParams, decode, empty_cache, prefill, unstack_layers
@@ -35,6 +36,9 @@ class SlotEngine:
         max_prefill_length: longest prompt (prompts are padded to this bucket or a smaller power of 2).
         max_target_length: prompt + generated tokens per slot (the KV cache length).
         sampling: default sampling for requests that do not bring their own.
+        mesh, rules: with a mesh, parameters are sharded by the training rules (logical axis
+            names) and the KV cache [slots, kv_heads, length, head_dim] over the `batch` axes
+            (slots) and the `kv_heads` axis; without one, everything lives on one device.
     """
 
     def __init__(
@@ -46,8 +50,12 @@ class SlotEngine:
         max_prefill_length: int = 1024,
         max_target_length: int = 2048,
         sampling: SamplingParams | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules=None,
     ):
         self.cfg = cfg
+        self._mesh = mesh
+        self._rules = rules
         self._params = params
         self._slots = max_concurrent_decodes
         self._max_prefill = max_prefill_length
@@ -66,15 +74,53 @@ class SlotEngine:
                 "the engine has no parameters: pass them to the constructor or load_params"
             )
         if not isinstance(self._params["layers"], list):
-            self._params = jax.device_put(unstack_layers(self._params))
+            self._params = jax.device_put(unstack_layers(self._params), self._param_shardings())
         return self._params
+
+    def _param_shardings(self):
+        if self._mesh is None:
+            return None
+        from tpt_jax.model._params import abstract_params
+        from tpt_jax.parallel import DEFAULT_RULES, logical_shardings
+
+        stacked = logical_shardings(
+            abstract_params(self.cfg), self._mesh, self._rules or DEFAULT_RULES
+        )
+
+        def one_layer(sharding):  # drop the leading `layers` axis of the stacked spec
+            return NamedSharding(self._mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+        layer = jax.tree.map(one_layer, stacked["layers"])
+        return {**stacked, "layers": [layer] * self.cfg.num_layers}
+
+    def cache_sharding(self) -> NamedSharding | None:
+        """The KV cache's sharding: slots over the `batch` mesh axes, kv heads over `kv_heads`."""
+        if self._mesh is None:
+            return None
+        import flax.linen as nn
+
+        from tpt_jax.parallel import DEFAULT_RULES
+        from tpt_jax.parallel._rules import _fit
+
+        logical = PartitionSpec("batch", "kv_heads", "length", "head_dim")
+        spec = nn.logical_to_mesh(logical, self._rules or DEFAULT_RULES)
+        shape = (self._slots, self.cfg.num_kv_heads, self._max_target, self.cfg.resolved_head_dim)
+        return NamedSharding(self._mesh, _fit(spec, shape, self._mesh, "kv cache"))
+
+    def _constrain(self, cache: list) -> list:
+        sharding = self.cache_sharding()
+        if sharding is None:
+            return cache
+        return jax.lax.with_sharding_constraint(cache, [(sharding, sharding)] * len(cache))
 
     def init_decode_state(self, *args, **kwargs) -> dict:
         slots = self._slots
+        cache = empty_cache(self.cfg, slots, self._max_target)  # per layer (k, v) [S, KV, T, D]
+        if self._mesh is not None:
+            sharding = self.cache_sharding()
+            cache = jax.device_put(cache, [(sharding, sharding)] * len(cache))
         return {
-            "cache": empty_cache(
-                self.cfg, slots, self._max_target
-            ),  # per layer (k, v) [S, KV, T, D]
+            "cache": cache,
             "lengths": jnp.zeros(slots, jnp.int32),  # cache positions filled
             "tokens": jnp.zeros(slots, jnp.int32),  # the token each slot emits next
             "generated": jnp.zeros(slots, jnp.int32),
@@ -153,10 +199,12 @@ class SlotEngine:
             return cache.at[slot].set(jnp.zeros_like(cache[slot]).at[:, : new.shape[1]].set(new))
 
         return {
-            "cache": [
-                (place(k, new_k), place(v, new_v))
-                for (k, v), (new_k, new_v) in zip(state["cache"], prefix["kv"], strict=True)
-            ],
+            "cache": self._constrain(
+                [
+                    (place(k, new_k), place(v, new_v))
+                    for (k, v), (new_k, new_v) in zip(state["cache"], prefix["kv"], strict=True)
+                ]
+            ),
             "lengths": state["lengths"].at[slot].set(prefix["length"]),
             "tokens": state["tokens"].at[slot].set(prefix["token"]),
             "generated": state["generated"].at[slot].set(0),
@@ -178,12 +226,22 @@ class SlotEngine:
         data = jnp.stack([emitted, state["active"].astype(jnp.int32), generated], axis=1)
         new_state = dict(
             state,
-            cache=cache,
+            cache=self._constrain(cache),
             lengths=state["lengths"] + 1,
             tokens=following,
             generated=generated,
         )
         return new_state, data
+
+
+def local_mesh(cfg) -> jax.sharding.Mesh | None:
+    """The config's mesh over this process's devices (None on one device): generation shards its
+    parameters and KV cache over the chips of its own host; hosts work on separate shards."""
+    if len(jax.local_devices()) == 1:
+        return None
+    from tpt_jax.parallel import make_mesh
+
+    return make_mesh(cfg, jax.local_devices())
 
 
 @functools.cache
