@@ -102,11 +102,9 @@ def test_sharded_kv_cache_gives_the_same_tokens(params):
 
     rng = np.random.default_rng(1)
     hot = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=5)
-    requests = [
-        (rng.integers(2, 128, size=int(n)).tolist(), budget, sampling)
-        for n, budget, sampling in [(5, 6, SamplingParams()), (17, 7, hot), (9, 5, hot)]
-        + [(2, 8, SamplingParams()), (11, 4, hot), (3, 6, SamplingParams())]
-    ]
+    greedy = SamplingParams()
+    shapes = [(5, 6, greedy), (17, 7, hot), (9, 5, hot), (2, 8, greedy), (11, 4, hot), (3, 6, hot)]
+    requests = [(rng.integers(2, 128, size=n).tolist(), b, s) for n, b, s in shapes]
     mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     kwargs = dict(max_concurrent_decodes=4, max_prefill_length=32, max_target_length=64)
     sharded = TptEngine(CFG, params, mesh=mesh, **kwargs)

@@ -174,8 +174,8 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
 
 def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:
     """Continuous batching over the in-process engine: a finished slot is refilled at once."""
-    from tpt_jax.think.generate import load_generator
     from tpt_jax.parallel import rules_from_config
+    from tpt_jax.think.generate import load_generator
     from tpt_jax.think.slots import SlotEngine, local_mesh, pad_prompt
 
     t = cfg.think
