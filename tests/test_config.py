@@ -159,10 +159,18 @@ def test_config_command_prints_resolved(tmp_path):
     assert "steps: 70" in result.stdout and "mesh data=4" in result.stdout
 
 
-def test_unbuilt_command_says_so(tmp_path):
+def test_eval_without_tasks_and_bad_eval_keys_say_so(tmp_path):
     result = _tpt("eval", "configs/demo.yaml")
-    assert result.returncode == 3
-    assert "is not built yet" in result.stderr
-    # A bad config is still reported as such, before the missing capability.
+    assert result.returncode == 2 and "eval.tasks is empty" in result.stderr
     result = _tpt("eval", "configs/demo.yaml", "model.num_heads=3")
     assert result.returncode == 2 and "model.num_heads" in result.stderr
+    result = _tpt("eval", "configs/demo.yaml", "eval.tasks=[{name: x, kind: mmlu, path: a}]")
+    assert result.returncode == 2 and "eval.tasks[0].kind" in result.stderr
+
+
+def test_pod_config_is_checked_against_its_topology():
+    result = _tpt("config", "configs/experiments/pretrain_8b_tpt.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "valid for 64 devices; mesh fsdp=64" in result.stdout
+    result = _tpt("config", "configs/experiments/pretrain_8b_tpt.yaml", "mesh.topology=v5p-100x")
+    assert result.returncode == 2 and "mesh.topology" in result.stderr

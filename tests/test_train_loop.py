@@ -17,9 +17,12 @@ from tpt_jax.train import RunCheckpoints, TrainingDivergedError, loss_sums, rest
 from tpt_jax.train.run import synthetic_sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "models", "tiny.yaml")  # small and stable: not the demo
 BASE = [
     "train.global_batch=8",
     "train.seq_len=32",
+    "schedule.kind=cosine",
+    "schedule.peak_lr=3e-3",
     "schedule.warmup_steps=2",
     "checkpoint.save_every=2",
     "logging.log_every=1",
@@ -27,7 +30,7 @@ BASE = [
 
 
 def _tpt_train(tmp_path, run_name, *overrides):
-    args = [sys.executable, "-m", "tpt_jax", "train", os.path.join(REPO, "configs", "demo.yaml")]
+    args = [sys.executable, "-m", "tpt_jax", "train", CONFIG]
     args += [
         *BASE,
         f"checkpoint.output_dir={tmp_path}",
@@ -61,7 +64,7 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
     for key in ("loss", "grad_norm", "learning_rate"):
         assert [r[key] for r in a] == [r[key] for r in b], key
 
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), [*BASE, "train.steps=8"])
+    cfg = load_config(CONFIG, [*BASE, "train.steps=8"])
     devices = jax.devices()[:1]
     state_a, meta_a = _final_params(cfg, str(tmp_path / "straight"), devices)
     state_b, meta_b = _final_params(cfg, str(tmp_path / "split"), devices)
@@ -91,7 +94,7 @@ def _cfg(tmp_path, *overrides):
     keys = {o.partition("=")[0] for o in overrides}
     base = [o for o in BASE if o.partition("=")[0] not in keys]
     return load_config(
-        os.path.join(REPO, "configs", "demo.yaml"),
+        CONFIG,
         [*base, f"checkpoint.output_dir={tmp_path}", "logging.tensorboard=false", *overrides],
     )
 

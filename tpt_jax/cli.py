@@ -10,16 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from tpt_jax.errors import NotBuiltError, TptError
+from tpt_jax.errors import TptError
+from tpt_jax.parallel import distributed
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-# Sub-commands whose capability a later milestone delivers: name -> what is missing.
-_NOT_BUILT = {
-    "eval": "evaluation (held-out perplexity and few-shot chain-of-thought)",
-}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -40,15 +36,19 @@ def _load(args: argparse.Namespace, num_devices: int | None = None):
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
-    from tpt_jax.config import dump_yaml, mesh_shape
+    from tpt_jax.config import dump_yaml, load_config, mesh_shape, topology_chips
 
-    cfg = _load(args, args.devices)
-    print(dump_yaml(cfg), end="")
     devices = args.devices
     if devices is None:
-        import jax
+        cfg = load_config(args.config, args.overrides)
+        if cfg.mesh.topology:  # a pod config: check it against its own slice(s)
+            devices = topology_chips(cfg.mesh.topology) * cfg.mesh.slices
+        else:
+            import jax
 
-        devices = jax.device_count()
+            devices = jax.device_count()
+    cfg = _load(args, devices)
+    print(dump_yaml(cfg), end="")
     mesh = {k: v for k, v in mesh_shape(cfg, devices).items() if v != 1} or {"data": 1}
     print(f"# valid for {devices} devices; mesh " + " x ".join(f"{k}={v}" for k, v in mesh.items()))
 
@@ -95,7 +95,9 @@ def _cmd_think(args: argparse.Namespace) -> None:
     from tpt_jax.think.summary import format_summary
 
     cfg = _load(args)
-    if not (cfg.think.model_dir and cfg.think.output_dir and cfg.think.corpus.paths):
+    needs_model = cfg.think.backend != "teacher"
+    if not ((cfg.think.model_dir or not needs_model) and cfg.think.output_dir
+            and cfg.think.corpus.paths):  # fmt: skip
         raise TptError("tpt think needs think.model_dir, think.output_dir and think.corpus.paths")
     if args.shard:
         try:
@@ -212,26 +214,41 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from tpt_jax.demo import run_demo
 
     _default_config(args, "demo.yaml")
-    run_demo(args.config, args.overrides, args.out)
+    run_demo(args.config, args.overrides, args.out, args.documents, args.heldout)
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], None]:
-    def run(args: argparse.Namespace) -> None:
-        if getattr(args, "config", None):
-            _load(args)  # a bad config is still reported as such
-        raise NotBuiltError(f"`tpt {name}`: {_NOT_BUILT[name]} is not built yet")
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from tpt_jax.eval.run import run_eval
 
-    return run
+    run_eval(_load(args), args.config)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from tpt_jax.train._loop import run_folder
+    from tpt_jax.train.export import export_run
+
+    cfg = _load(args)
+    done = export_run(cfg, run_folder(cfg, args.config), args.out, hf_dtype=args.dtype)
+    print(
+        f"export: step {done['step']} -> {done['model_dir']} (tpt_jax) and {done['hf_dir']} "
+        f"(HF {done['family']}, {done['shards']} shard(s))"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, help_text in (("eval", "held-out perplexity and few-shot chain-of-thought evals"),):
-        p = sub.add_parser(name, help=help_text)
-        _add_config_args(p)
-        p.set_defaults(func=_not_built(name))
+    p = sub.add_parser("eval", help="held-out perplexity and few-shot chain-of-thought evals")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="a run's latest checkpoint -> model folder + HF folder")
+    p.add_argument("config", help="the run's config (checkpoint.output_dir / run_name)")
+    p.add_argument("out", help="output folder: OUT/model (tpt_jax) and OUT/hf (transformers)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "prepare", help="tokenize, pack and shard the SeqIO tasks of the mixture (Beam)"
@@ -258,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("think", help="generate thinking trajectories for a corpus (crash-safe)")
     _add_config_args(p)
+    distributed.add_arguments(p)
     p.add_argument(
         "--shard", default="", help="i/n: this worker's share (default: the JAX process)"
     )
@@ -278,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or mid-train a decoder (resumes its run_name)")
     _add_config_args(p)
+    distributed.add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -290,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="validate a config and print it resolved")
     _add_config_args(p)
-    p.add_argument("--devices", type=int, default=None, help="check the mesh for this many devices")
+    p.add_argument(
+        "--devices", type=int, default=None,
+        help="check the mesh for this many devices (default: mesh.topology's chips, else local)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("convert", help="HF checkpoint folder <-> tpt_jax model folder")
@@ -312,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="default: the packaged demo config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--out", default="demo_out", help="output folder")
+    p.add_argument("--documents", type=int, default=12000, help="testbed training documents")
+    p.add_argument("--heldout", type=int, default=200, help="held-out problems")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -328,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.beam_args = extra
     try:
+        if hasattr(args, "coordinator"):
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         args.func(args)
     except TptError as e:
         print(f"tpt: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -6,7 +6,7 @@ message names the file, line or config key at fault and says what to do about it
 
 
 class TptError(Exception):
-    """Base class for user-facing errors: bad config, bad input file, missing capability."""
+    """Base class for user-facing errors: bad config, bad input file, bad checkpoint."""
 
     exit_code = 2
 
@@ -17,9 +17,3 @@ class ConfigError(TptError):
 
 class CheckpointError(TptError):
     """A checkpoint or HF folder is missing, malformed or does not match the config."""
-
-
-class NotBuiltError(TptError):
-    """A sub-command whose capability is not implemented yet. Never pretend; say so."""
-
-    exit_code = 3

@@ -6,6 +6,8 @@ from tpt_jax.config._schema import (
     Config,
     CorpusConfig,
     DataConfig,
+    EvalConfig,
+    EvalTaskConfig,
     LoggingConfig,
     MeshConfig,
     MixtureComponent,
@@ -15,13 +17,21 @@ from tpt_jax.config._schema import (
     ThinkConfig,
     TrainConfig,
 )
-from tpt_jax.config._validate import mesh_shape, task_names, validate, validate_for_devices
+from tpt_jax.config._validate import (
+    mesh_shape,
+    task_names,
+    topology_chips,
+    validate,
+    validate_for_devices,
+)
 
 __all__ = [
     "CheckpointConfig",
     "Config",
     "CorpusConfig",
     "DataConfig",
+    "EvalConfig",
+    "EvalTaskConfig",
     "LoggingConfig",
     "MeshConfig",
     "MixtureComponent",
@@ -36,6 +46,7 @@ __all__ = [
     "save_resolved",
     "task_names",
     "to_dict",
+    "topology_chips",
     "validate",
     "validate_for_devices",
 ]

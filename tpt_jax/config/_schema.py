@@ -96,6 +96,9 @@ class MeshConfig:
         dcn_data, dcn_fsdp: the same axes across slices (multi-slice over the data-center network).
         rules: logical-axis -> mesh-axis rules as [logical_name, mesh_axis or list or null];
             empty uses the built-in defaults of `tpt_jax.parallel`.
+        topology: the TPU accelerator type a config is sized for (gcloud's name, e.g. v5p-128,
+            v6e-8, v5litepod-16); `tpt config --devices` and the TPU scripts read its chip count.
+        slices: number of such slices (multi-slice runs over DCN).
     """
 
     data: int = -1
@@ -104,6 +107,8 @@ class MeshConfig:
     dcn_data: int = 1
     dcn_fsdp: int = 1
     rules: list = field(default_factory=list)
+    topology: str = ""
+    slices: int = 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -274,7 +279,8 @@ class ThinkConfig:
         group_by: metadata field the summary and plot break thinking lengths down by.
         backend: "local" (the engine in this process), "jetstream" (a JetStream gRPC server
             at `address`, e.g. `tpt serve` or MaxText's; it samples with its own settings), or
-            "openai" (an OpenAI-compatible `/v1/completions` server at `address`, e.g. vLLM).
+            "openai" (an OpenAI-compatible `/v1/completions` server at `address`, e.g. vLLM), or
+            "teacher" (the synthetic testbed's rule-based teacher; no model needed).
         address: host:port (or base URL) of the remote server.
         model_name: the `model` field of OpenAI requests; empty: the name of `model_dir`.
         api_key_env: environment variable holding the OpenAI server's API key, if it needs one.
@@ -311,6 +317,55 @@ class ThinkConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalTaskConfig:
+    """One evaluation of `tpt eval`.
+
+    Attributes:
+        name: the key of its results.
+        kind: "perplexity" (held-out JSONL `text`), "cot" (few-shot chain of thought, JSONL with
+            `question` and `answer`, exemplars with `solution`), "answer" (the answer right after
+            the question: its loss and the greedy exact match), or "think_first" (the question,
+            then the opening of `data.tpt_template`'s thinking; the answer is extracted from the
+            generated reasoning).
+        path: the JSONL file (local or gs://; nothing is downloaded).
+        format: cot format, "gsm8k" or "math" (also the extractor of think_first: "gsm8k").
+        exemplars: cot exemplars file; empty: the first `shots` records of `path` (not scored).
+        shots: cot exemplars per prompt (paper: GSM8K 5, MATH 4).
+        limit: score at most this many records (0: all).
+        max_new_tokens: generation cap (paper: up to 2k).
+        answer_prefix: "answer": what follows the question before the answer.
+    """
+
+    name: str = ""
+    kind: str = "perplexity"
+    path: str = ""
+    format: str = "gsm8k"
+    exemplars: str = ""
+    shots: int = 5
+    limit: int = 0
+    max_new_tokens: int = 256
+    answer_prefix: str = " Answer:"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """`tpt eval`: a model folder scored on local evaluation files.
+
+    Attributes:
+        model_dir: a model folder (`tpt export` or `tpt convert from-hf`); empty: the latest
+            checkpoint of checkpoint.output_dir/run_name, exported to <run>/export first.
+        tasks: the evaluations.
+        output: results JSON; empty: eval.json beside the model (or in the run folder).
+        batch_size: prompts generated together.
+    """
+
+    model_dir: str = ""
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    output: str = ""
+    batch_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     """Metrics output.
 
@@ -340,6 +395,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     think: ThinkConfig = field(default_factory=ThinkConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Where each dotted key got its value ("configs/x.yaml", "override a.b=1"); filled by the
     # loader so that later checks (device count, checkpoint shapes) can name the file at fault.
     sources: dict = field(

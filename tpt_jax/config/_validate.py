@@ -115,7 +115,7 @@ def validate(cfg: schema.Config) -> None:
 
     th = cfg.think
     _choice(cfg, "think.on_length", th.on_length, ("keep", "drop", "truncate"))
-    _choice(cfg, "think.backend", th.backend, ("local", "jetstream", "openai"))
+    _choice(cfg, "think.backend", th.backend, ("local", "jetstream", "openai", "teacher"))
     if th.dtype:
         _choice(cfg, "think.dtype", th.dtype, schema.DTYPES)
     _positive(cfg, "think.concurrency", th.concurrency)
@@ -126,6 +126,23 @@ def validate(cfg: schema.Config) -> None:
     _positive(cfg, "think.temperature", th.temperature, allow_zero=True)
     if not 0 < th.top_p <= 1:
         _fail(cfg, "think.top_p", f"must lie in (0, 1], got {th.top_p}")
+
+    if cfg.mesh.topology:
+        try:
+            topology_chips(cfg.mesh.topology)
+        except ValueError as e:
+            _fail(cfg, "mesh.topology", str(e))
+    _positive(cfg, "mesh.slices", cfg.mesh.slices)
+
+    _positive(cfg, "eval.batch_size", cfg.eval.batch_size)
+    for i, task in enumerate(cfg.eval.tasks):
+        key = f"eval.tasks[{i}]"
+        _choice(cfg, f"{key}.kind", task.kind, ("perplexity", "cot", "answer", "think_first"))
+        _choice(cfg, f"{key}.format", task.format, ("gsm8k", "math"))
+        if not task.name or not task.path:
+            _fail(cfg, key, "every eval task needs a name and a path")
+        _positive(cfg, f"{key}.max_new_tokens", task.max_new_tokens)
+        _positive(cfg, f"{key}.shots", task.shots, allow_zero=True)
 
 
 def task_names(data: schema.DataConfig) -> list[str]:
@@ -196,6 +213,19 @@ def mesh_shape(cfg: schema.Config, num_devices: int) -> dict[str, int]:
         shape = " x ".join(f"{a}={v}" for a, v in sizes.items() if v != 1) or "1"
         _fail(cfg, "mesh", f"mesh {shape} has {fixed} devices but {num_devices} are available")
     return sizes
+
+
+# TensorCores per chip in gcloud accelerator-type names (v4 and v5p count cores, v5e/v6e chips).
+_CORES_PER_CHIP = {"v2": 2, "v3": 2, "v4": 2, "v5p": 2, "v5litepod": 1, "v5e": 1, "v6e": 1}
+
+
+def topology_chips(topology: str) -> int:
+    """Chips of one slice of a gcloud TPU accelerator type: v5p-128 -> 64, v6e-8 -> 8."""
+    family, _, count = topology.rpartition("-")
+    if family not in _CORES_PER_CHIP or not count.isdigit():
+        known = ", ".join(sorted(_CORES_PER_CHIP))
+        raise ValueError(f"{topology!r} is not a TPU accelerator type (<{known}>-<size>)")
+    return max(1, int(count) // _CORES_PER_CHIP[family])
 
 
 def validate_for_devices(cfg: schema.Config, num_devices: int) -> dict[str, int]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import fsspec
@@ -106,3 +108,80 @@ def write(out_path: str, model: bytes) -> str:
     with fsspec.open(out_path, "wb", auto_mkdir=True) as f:
         f.write(model)
     return checksum(model)
+
+
+def tokenizer_json(model: bytes) -> str:
+    """The SentencePiece model as a `tokenizers` tokenizer.json that encodes text to the same ids.
+
+    Same pieces and scores (Unigram), the model's own normalisation table, whitespace handled as
+    SentencePiece does (collapsed, stripped, `▁` prepended), user-defined symbols (the think
+    tags) cut out as whole pieces wherever they occur, byte fallback. `tpt export` ships it, so
+    the engine, `tpt sample` and HF transformers tokenize a trained model's text alike.
+    """
+    import tokenizers
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
+        raise VocabError("tokenizer.json export supports unigram SentencePiece models only")
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.Unigram(
+            pieces, unk_id=UNK_ID, byte_fallback=proto.trainer_spec.byte_fallback
+        )
+    )
+    spec = proto.normalizer_spec
+    steps = (
+        [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    )
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    tok.normalizer = normalizers.Sequence(steps)
+    prepend = "always" if spec.add_dummy_prefix else "never"
+    split = [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)]
+    symbols = [p.piece for p in proto.pieces if p.type == p.USER_DEFINED]
+    if symbols:
+        pattern = "|".join(re.escape(s) for s in sorted(symbols, key=len, reverse=True))
+        split.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(split)
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    controls = [p.piece for p in proto.pieces if p.type in (p.CONTROL, p.UNKNOWN)]
+    tok.add_special_tokens([tokenizers.AddedToken(c, special=True) for c in controls])
+    return tok.to_str()
+
+
+def write_tokenizer_files(model: bytes, folder: str) -> list[str]:
+    """tokenizer.json, tokenizer_config.json and the SentencePiece model itself into a model folder."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    files = {
+        "tokenizer.json": tokenizer_json(model),
+        "tokenizer_config.json": json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": sp.id_to_piece(EOS_ID),
+                "pad_token": sp.id_to_piece(PAD_ID),
+                "unk_token": sp.id_to_piece(UNK_ID),
+                "add_bos_token": False,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=1,
+        ),
+    }
+    os.makedirs(folder, exist_ok=True)
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        f.write(model)
+    return [*files, "spiece.model"]

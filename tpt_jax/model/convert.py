@@ -23,6 +23,7 @@ SIDE_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
     "tokenizer.model",
+    "spiece.model",
     "vocab.json",
     "merges.txt",
     "chat_template.jinja",

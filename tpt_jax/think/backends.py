@@ -168,8 +168,30 @@ class OpenAIBackend:
         pass
 
 
+class TeacherBackend:
+    """The rule-based teacher of the synthetic testbed (tpt_jax.data.testbed): its prompt is the
+    document itself, and it writes the correct step-by-step reasoning of a testbed problem."""
+
+    def complete(self, prompt: str, max_new_tokens: int, seed: int) -> Completion:
+        from tpt_jax.data.testbed import teacher_thinking
+
+        thinking = teacher_thinking(prompt)
+        if thinking is None:
+            raise TptError(f"teacher: not a testbed problem: {prompt[:80]!r}")
+        words = thinking.split()
+        if len(words) > max_new_tokens:
+            return Completion(text=" ".join(words[:max_new_tokens]), finish_reason="length",
+                              num_tokens=max_new_tokens)  # fmt: skip
+        return Completion(text=thinking, finish_reason="stop", num_tokens=len(words))
+
+    def close(self) -> None:
+        pass
+
+
 def make_backend(t):
-    """The remote backend a ThinkConfig names."""
+    """The backend a ThinkConfig names (all but the in-process engine)."""
+    if t.backend == "teacher":
+        return TeacherBackend()
     if t.backend == "jetstream":
         return JetStreamBackend(t.address, t.timeout_s, t.retries)
     if t.backend == "openai":

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tpt_jax.config import Config
 from tpt_jax.data.readers import Document, read_corpus
 from tpt_jax.data.rejects import RejectLog
+from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.think.backends import Completion
 from tpt_jax.think.generate import SamplingParams
 from tpt_jax.think.prompts import load_template, render
@@ -84,7 +85,7 @@ def _finish(
         thinking = thinking.rsplit("\n", 1)[0].strip() if "\n" in thinking else thinking
     meta = {
         **slot.doc.meta,
-        "generator": os.path.basename(os.path.normpath(t.model_dir)),
+        "generator": os.path.basename(os.path.normpath(t.model_dir)) or t.backend,
         "generator_dir": generator,
         "template": template.name,
         "template_sha256": template.sha256,
@@ -108,7 +109,8 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
     done = {r["id"] for r in committed_records(folder)}
     chunk_index = len(glob.glob(os.path.join(folder, "chunk-*.jsonl")))
     rejects = RejectLog(strict=cfg.data.strict, path=os.path.join(folder, "rejects.tsv"))
-    tokenizer = GeneratorTokenizer(t.model_dir)
+    teacher = t.backend == "teacher"  # reads the document itself: no model, prompt or tokenizer
+    tokenizer = None if teacher else GeneratorTokenizer(t.model_dir)
     template = load_template(t.template)
 
     def pending() -> Iterator[Document]:
@@ -117,10 +119,13 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
                 yield doc
 
     def prompt_of(doc: Document) -> tuple[str, bool]:
+        if teacher:
+            return doc.text, False
         document, truncated = tokenizer.truncate(doc.text, t.max_document_tokens)
         return _prompt(tokenizer, template, document, cfg, doc.id), truncated
 
     produce = _local_slots if t.backend == "local" else _remote_slots
+    preemption = PreemptionWatch(collective=False)  # shards stop independently
     finished: list[dict] = []
     failed = 0
     bar = tqdm(desc=f"think shard {index}/{count}", unit="doc", initial=len(done))
@@ -133,12 +138,19 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
         generated_tokens += num_tokens
         finished.append(_finish(slot, text, reason, num_tokens, cfg, template, t.model_dir))
         bar.update(1)
-        bar.set_postfix(tok_s=f"{generated_tokens / max(time.perf_counter() - started, 1e-9):,.0f}")
+        rate = generated_tokens / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
         if len(finished) >= t.chunk_size:
             _commit(folder, chunk_index, finished[: t.chunk_size])
             chunk_index, finished = chunk_index + 1, finished[t.chunk_size :]
+        if preemption.stop_requested(bar.n):
+            tqdm.write(
+                "tpt think: SIGTERM: committing the finished documents and stopping; rerun resumes"
+            )
+            break
     if finished:
         _commit(folder, chunk_index, finished)
+    preemption.close()
     bar.close()
     rejects.close()
     from tpt_jax.think.summary import summarize_shard
@@ -242,7 +254,7 @@ def _remote_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -
 
     def run(doc: Document) -> _Slot:
         prompt, truncated = prompt_of(doc)
-        slot = _Slot(doc, len(tokenizer.encode(prompt)), truncated)
+        slot = _Slot(doc, len(tokenizer.encode(prompt)) if tokenizer else 0, truncated)
         try:
             reply = backend.complete(prompt, t.max_new_tokens, document_seed(t.seed, doc.id))
         except BackendError as e:

@@ -25,6 +25,7 @@ from tpt_jax.errors import TptError
 from tpt_jax.model import Decoder, param_count, training_flops_per_token
 from tpt_jax.model._store import restore_params
 from tpt_jax.parallel import batch_sharding, make_mesh, rules_from_config
+from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.train._checkpoint import RunCheckpoints
 from tpt_jax.train._metrics import MetricsWriter, format_metrics
 from tpt_jax.train._optimizer import learning_rate, make_optimizer
@@ -180,6 +181,7 @@ def train(
     `extra_metrics(step)` adds data-side metrics (such as epochs seen per task) to each record.
     """
     t = cfg.train
+    preemption = PreemptionWatch()  # first: a SIGTERM during compilation still stops cleanly
     trainer = compile_trainer(cfg, devices)
     mesh = trainer.mesh
     checkpoints = RunCheckpoints(run_dir, cfg.checkpoint)
@@ -207,7 +209,8 @@ def train(
             state, metrics = trainer.step(state, trainer.global_batch(next(source)))
             pending.append((step + 1, metrics))
             done = step + 1
-            save = done % cfg.checkpoint.save_every == 0 or done == stop
+            preempted = preemption.stop_requested(done)
+            save = done % cfg.checkpoint.save_every == 0 or done == stop or preempted
             run_eval = (
                 evaluate is not None
                 and t.eval_every
@@ -242,11 +245,16 @@ def train(
                 checkpoints.save(
                     done, state, {"data_position": done, "step": done, "config": to_dict(cfg)}
                 )
+            if preempted:
+                stop = done
+                _log(f"train: preempted (SIGTERM) at step {done}; checkpoint saved, rerun resumes")
+                break
             # The next interval's timing excludes this one's logging, eval and checkpointing.
             clock, clock_step = time.perf_counter(), done
         bar.close()
         return TrainResult(run_dir, start, stop, last_loss, eval_loss)
     finally:
+        preemption.close()
         checkpoints.close()
         writer.close()
 

@@ -1,0 +1,1 @@
+"""`tpt eval`: held-out perplexity and generation evals with answer extraction."""

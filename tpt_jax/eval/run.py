@@ -1,0 +1,250 @@
+"""`tpt eval CONFIG`: score a model folder on the evaluations of `eval.tasks`.
+
+Results go to a JSON file and a printed table; when the model comes from a training run, the
+same numbers go to that run's TensorBoard at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import fsspec
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tpt_jax.config import Config, EvalTaskConfig
+from tpt_jax.errors import TptError
+from tpt_jax.eval import extract, fewshot
+from tpt_jax.think.generate import generate, load_generator
+from tpt_jax.think.tokenizer import GeneratorTokenizer
+
+_FIRST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+class Scorer:
+    """A model folder (weights + tokenizer.json): losses by teacher forcing, greedy generation."""
+
+    def __init__(self, model_dir: str, batch_size: int = 32):
+        from tpt_jax.model import Decoder
+
+        self.tokenizer = GeneratorTokenizer(model_dir)
+        self.cfg, self.params = load_generator(model_dir, "float32")
+        self.batch_size = batch_size
+        model = Decoder(self.cfg)
+        self._logits = jax.jit(
+            lambda p, tokens, positions, segments: model.apply(
+                {"params": p}, tokens, positions, segments
+            )
+        )
+
+    def token_losses(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """Per-token NLL (nats) of tokens 1.. of each sequence given the ones before it."""
+        out = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = sequences[start : start + self.batch_size]
+            width = 1 << max(4, (max(len(s) for s in chunk) - 1).bit_length())  # few shapes
+            tokens = np.zeros((len(chunk), width), np.int32)
+            segments = np.zeros_like(tokens)
+            for i, s in enumerate(chunk):
+                tokens[i, : len(s)], segments[i, : len(s)] = s, 1
+            positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
+            logits = self._logits(self.params, tokens, positions, segments)
+            logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+            nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+            nll = np.asarray(nll)
+            out.extend(nll[i, : len(s) - 1] for i, s in enumerate(chunk))
+        return out
+
+    def greedy(self, prompts: list[str], max_new_tokens: int, stops=()) -> list[str]:
+        """Greedy completions through the engine, cut at EOS and the first stop string."""
+        texts = []
+        for start in range(0, len(prompts), self.batch_size):
+            ids = [self.tokenizer.encode(p) for p in prompts[start : start + self.batch_size]]
+            outputs = generate(
+                self.params, self.cfg, ids, max_new_tokens, eos_id=self.tokenizer.eos_id
+            )
+            for tokens in outputs:
+                if tokens and tokens[-1] == self.tokenizer.eos_id:
+                    tokens = tokens[:-1]
+                texts.append(fewshot.cut_at_stop(self.tokenizer.decode(tokens), stops))
+        return texts
+
+
+def read_jsonl(path: str, limit: int = 0) -> list[dict]:
+    records = []
+    try:
+        with fsspec.open(path, "r") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise TptError(f"{path}:{line_no}: not JSON ({e.msg})") from None
+                if limit and len(records) == limit:
+                    break
+    except FileNotFoundError:
+        raise TptError(f"eval file not found: {path}") from None
+    return records
+
+
+def _need(records: list[dict], path: str, fields: tuple[str, ...]) -> None:
+    for i, r in enumerate(records, 1):
+        missing = [f for f in fields if f not in r]
+        if missing:
+            raise TptError(f"{path}: record {i} has no {', '.join(missing)}")
+
+
+def perplexity(scorer: Scorer, task: EvalTaskConfig) -> dict:
+    records = read_jsonl(task.path, task.limit)
+    _need(records, task.path, ("text",))
+    limit = scorer.cfg.max_position
+    eos = [scorer.tokenizer.eos_id] if scorer.tokenizer.eos_id is not None else []
+    sequences = [(scorer.tokenizer.encode(r["text"]) + eos)[:limit] for r in records]
+    sequences = [[eos[0] if eos else 0, *s] for s in sequences]  # the first token is scored too
+    losses = np.concatenate(scorer.token_losses(sequences))
+    mean = float(losses.mean())
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": int(losses.size)}
+
+
+def answer_direct(scorer: Scorer, task: EvalTaskConfig) -> dict:
+    """Loss of the answer tokens right after the question, and the greedy answer's exact match."""
+    records = read_jsonl(task.path, task.limit)
+    _need(records, task.path, ("question", "answer"))
+    tok = scorer.tokenizer
+    prompts = [f"{r['question']}{task.answer_prefix}" for r in records]
+    sequences, spans = [], []
+    for prompt, r in zip(prompts, records, strict=True):
+        head = tok.encode(prompt)
+        full = tok.encode(f"{prompt} {r['answer']}")
+        if full[: len(head)] != head:  # the answer merged into the prompt's last piece
+            head = head[:-1]
+        sequences.append(full)
+        spans.append((len(head), len(full)))
+    losses = scorer.token_losses(sequences)
+    answer_nll = [
+        float(loss[a - 1 : b - 1].sum()) for loss, (a, b) in zip(losses, spans, strict=True)
+    ]
+    completions = scorer.greedy(prompts, 8)
+    predictions = [_first_number(c) for c in completions]
+    correct = [extract.score(p, r["answer"]) for p, r in zip(predictions, records, strict=True)]
+    return {
+        "answer_loss": float(np.mean(answer_nll)),
+        "accuracy": float(np.mean(correct)),
+        "count": len(records),
+        "examples": _examples(records, prompts, completions, predictions, correct),
+    }
+
+
+def think_first(scorer: Scorer, task: EvalTaskConfig, tpt_template: str) -> dict:
+    """The question, then the opening of the thinking as training placed it; the answer is
+    extracted from the generated reasoning."""
+    records = read_jsonl(task.path, task.limit)
+    _need(records, task.path, ("question", "answer"))
+    opening = tpt_template.split("{thinking}")[0]
+    prompts = [opening.format(text=r["question"]) for r in records]
+    completions = scorer.greedy(prompts, task.max_new_tokens, ("</think>",))
+    predictions = [extract.EXTRACTORS[task.format](c) for c in completions]
+    correct = [extract.score(p, r["answer"]) for p, r in zip(predictions, records, strict=True)]
+    return {
+        "accuracy": float(np.mean(correct)),
+        "extracted": float(np.mean([p is not None for p in predictions])),
+        "count": len(records),
+        "examples": _examples(records, prompts, completions, predictions, correct),
+    }
+
+
+def few_shot_cot(scorer: Scorer, task: EvalTaskConfig) -> dict:
+    records = read_jsonl(task.path, task.limit + (0 if task.exemplars else task.shots))
+    if task.exemplars:
+        exemplars = read_jsonl(task.exemplars, task.shots)
+    else:
+        exemplars, records = records[: task.shots], records[task.shots :]
+    _need(exemplars, task.exemplars or task.path, ("question", "solution"))
+    _need(records, task.path, ("question", "answer"))
+    prompts = [fewshot.build_prompt(task.format, exemplars, r["question"]) for r in records]
+    stops = fewshot.stop_strings(task.format)
+    completions = scorer.greedy(prompts, task.max_new_tokens, stops)
+    predictions = [extract.EXTRACTORS[task.format](c) for c in completions]
+    correct = [extract.score(p, r["answer"]) for p, r in zip(predictions, records, strict=True)]
+    return {
+        "accuracy": float(np.mean(correct)) if records else 0.0,
+        "extracted": float(np.mean([p is not None for p in predictions])) if records else 0.0,
+        "count": len(records),
+        "shots": len(exemplars),
+        "examples": _examples(records, prompts, completions, predictions, correct),
+    }
+
+
+def _first_number(text: str) -> str | None:
+    match = _FIRST_NUMBER.search(text)
+    return extract.normalize_number(match.group()) if match else None
+
+
+def _examples(records, prompts, completions, predictions, correct, keep: int = 3) -> list[dict]:
+    rows = zip(records, prompts, completions, predictions, correct, strict=True)
+    return [
+        {"prompt": p, "completion": c, "prediction": pred, "answer": r["answer"], "correct": ok}
+        for r, p, c, pred, ok in list(rows)[:keep]
+    ]
+
+
+def evaluate(cfg: Config, model_dir: str) -> dict:
+    """Every task of cfg.eval on the model folder: {task name: metrics}."""
+    scorer = Scorer(model_dir, cfg.eval.batch_size)
+    results = {}
+    for task in cfg.eval.tasks:
+        if task.kind == "perplexity":
+            results[task.name] = perplexity(scorer, task)
+        elif task.kind == "answer":
+            results[task.name] = answer_direct(scorer, task)
+        elif task.kind == "think_first":
+            results[task.name] = think_first(scorer, task, cfg.data.tpt_template)
+        else:
+            results[task.name] = few_shot_cot(scorer, task)
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [("task", "metric", "value")]
+    for name, metrics in results.items():
+        for key, value in metrics.items():
+            if isinstance(value, float | int) and not isinstance(value, bool):
+                rows.append((name, key, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def run_eval(cfg: Config, config_path: str | None) -> dict:
+    """Resolves the model (a folder, or the run's latest checkpoint exported), scores it, writes
+    JSON (and TensorBoard for a run), prints the table."""
+    if not cfg.eval.tasks:
+        raise TptError("tpt eval: eval.tasks is empty; nothing to evaluate")
+    run_dir, step = None, None
+    model_dir = cfg.eval.model_dir
+    if not model_dir:
+        from tpt_jax.train._loop import run_folder
+        from tpt_jax.train.export import export_run
+
+        run_dir = run_folder(cfg, config_path)
+        exported = export_run(cfg, run_dir, os.path.join(run_dir, "export"))
+        model_dir, step = exported["model_dir"], exported["step"]
+    results = evaluate(cfg, model_dir)
+    output = cfg.eval.output or os.path.join(run_dir or model_dir, "eval.json")
+    with fsspec.open(output, "w", auto_mkdir=True) as f:
+        json.dump({"model_dir": model_dir, "step": step, "results": results}, f, indent=1)
+    if run_dir is not None and cfg.logging.tensorboard:
+        from tensorboardX import SummaryWriter
+
+        with SummaryWriter(os.path.join(run_dir, "tensorboard")) as writer:
+            for name, metrics in results.items():
+                for key, value in metrics.items():
+                    if isinstance(value, float):
+                        writer.add_scalar(f"eval/{name}/{key}", value, step)
+    print(format_table(results))
+    print(f"eval: results in {output}")
+    return results

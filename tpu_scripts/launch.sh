@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs a tpt command on every worker of every slice, in the background, logging to
+# ~/tpt_logs/RUN.log on each worker. JAX finds its peers on a TPU slice by itself; for several
+# slices the MEGASCALE_* variables below tell each slice who it is.
+# shellcheck source=tpu_scripts/common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<'USAGE'
+usage: launch.sh --project P --zone Z --name N [--slices K] [--run RUN] [--env K=V ...] -- tpt ARGS...
+
+  --run RUN     log name (default: the sub-command)
+  --env K=V     environment variable for the command (repeatable)
+  example: launch.sh --project p --zone z --name n -- train configs/experiments/pretrain_8b_tpt.yaml
+USAGE
+}
+
+args=() seen_dash=0
+for word in "$@"; do
+  if ((seen_dash)); then args+=("$word"); elif [[ "$word" == "--" ]]; then seen_dash=1; fi
+done
+opts=()
+for word in "$@"; do [[ "$word" == "--" ]] && break; opts+=("$word"); done
+parse_common "${opts[@]+"${opts[@]}"}"
+require project zone name
+((${#args[@]})) || die "nothing to launch: give the tpt sub-command after --"
+
+RUN="${args[0]}" envs=()
+set -- "${REST[@]+"${REST[@]}"}"
+while (($#)); do
+  case "$1" in
+    --run) RUN="${2:?--run needs a value}"; shift 2 ;;
+    --env) envs+=("${2:?--env needs K=V}"); shift 2 ;;
+    *) die "unknown argument: $1" ;;
+  esac
+done
+
+quoted_args="" quoted_envs=""
+for word in "${args[@]}"; do quoted_args+=" $(printf '%q' "$word")"; done
+for word in "${envs[@]+"${envs[@]}"}"; do quoted_envs+=" $(printf '%q' "$word")"; done
+
+coordinator=""
+if ((SLICES > 1)); then  # slices meet over DCN at worker 0 of slice 0
+  describe=(gcloud compute tpus tpu-vm describe "$NAME-0" --project="$PROJECT" --zone="$ZONE"
+    --format="value(networkEndpoints[0].ipAddress)")
+  if ((DRY_RUN)); then
+    run "${describe[@]}"
+    coordinator='<ip of worker 0 of '"$NAME"'-0>'
+  else
+    coordinator="$("${describe[@]}")"
+  fi
+fi
+
+slice=0
+while read -r node; do
+  megascale=""
+  if ((SLICES > 1)); then
+    megascale=" MEGASCALE_COORDINATOR_ADDRESS=$coordinator:8080 MEGASCALE_NUM_SLICES=$SLICES"
+    megascale+=" MEGASCALE_SLICE_ID=$slice MEGASCALE_PORT=8080"
+  fi
+  run gcloud compute tpus tpu-vm ssh "$node" --project="$PROJECT" --zone="$ZONE" --worker=all \
+    --command="mkdir -p ~/tpt_logs; cd ~/tpt_jax; nohup env$megascale$quoted_envs \
+.venv/bin/tpt$quoted_args > ~/tpt_logs/$RUN.log 2>&1 &"
+  slice=$((slice + 1))
+done < <(node_names)
