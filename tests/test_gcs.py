@@ -1,6 +1,8 @@
 """gs:// input and output through a real local GCS emulator (fake-gcs-server)."""
 
 import json
+import os
+import threading
 
 import fsspec
 import pytest
@@ -15,6 +17,13 @@ from tpt_jax.data.rejects import RejectLog
 def gcs():
     server = FakeGCSServer()
     server.start()
+    # The wrapper pipes the server's request log to stderr and never reads it: once the pipe is
+    # full (a few hundred requests: Orbax checkpoints) the server blocks. Drain it.
+    threading.Thread(target=server._process.stderr.read, daemon=True).start()
+    # Orbax's arrays go through tensorstore: point it at the emulator, with a dummy token.
+    host = os.environ["STORAGE_EMULATOR_HOST"]
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
+    os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
     try:
         fs = fsspec.filesystem("gs", token="anon", skip_instance_cache=True)
         fs.mkdir("bucket")
@@ -77,3 +86,63 @@ def test_array_record_corpus_on_gcs(gcs, tmp_path):
         read_corpus(CorpusConfig(name="a", paths=["gs://bucket/ar/*.array_record"]), RejectLog())
     )
     assert [d.text for d in docs] == ["record 0", "record 1", "record 2"]
+
+
+def test_think_output_on_gcs_commits_and_resumes(gcs, tmp_path):
+    """`tpt think` writes its chunks, summary and plot to gs:// and a rerun skips what is there."""
+    import dataclasses
+
+    from tpt_jax.data import testbed
+    from tpt_jax.think.driver import committed_records, run_think, shard_folder
+
+    problems = testbed.make_problems(3, 30)
+    with gcs.open("bucket/raw/problems.jsonl", "wb") as f:
+        f.write(
+            b"".join(json.dumps({"id": p.id, "text": p.text}).encode() + b"\n" for p in problems)
+        )
+    from tpt_jax.config import Config, ThinkConfig
+
+    think = ThinkConfig(
+        backend="teacher",
+        corpus=CorpusConfig(name="p", paths=["gs://bucket/raw/problems.jsonl"], thinking_field=""),
+        output_dir="gs://bucket/augmented",
+        chunk_size=8,
+    )
+    cfg = dataclasses.replace(Config(), think=think)
+    summary = run_think(cfg)
+    folder = shard_folder("gs://bucket/augmented", 0, 1)
+    assert summary["documents"] == 30
+    assert sorted(gcs.ls(folder.removeprefix("gs://")))[-1].endswith("thinking_length.png")
+    records = committed_records(folder)
+    assert sorted(r["id"] for r in records) == [p.id for p in problems]
+    by_id = {p.id: p for p in problems}
+    assert all(r["thinking"] == testbed.teacher_thinking(by_id[r["id"]].text) for r in records)
+    assert len([p for p in gcs.ls(folder.removeprefix("gs://")) if "chunk-" in p]) == 4
+    again = run_think(cfg)  # nothing pending: no new chunk, the same 30 records
+    assert again["documents"] == 30 and len(committed_records(folder)) == 30
+
+
+def test_training_checkpoints_and_logs_on_gcs(gcs, tmp_path):
+    """Checkpoints (Orbax + tensorstore), metrics.jsonl, TensorBoard and the resolved config in a
+    gs:// run folder; a second invocation resumes from the checkpoint there."""
+    from tpt_jax.train import restore_latest
+    from tpt_jax.train.run import run_training
+
+    base = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs/models/tiny.yaml")
+    overrides = [
+        "train.global_batch=8", "train.seq_len=32", "schedule.warmup_steps=1",
+        "checkpoint.output_dir=gs://bucket/runs", "checkpoint.run_name=r",
+        "checkpoint.save_every=2", "logging.log_every=1",
+    ]  # fmt: skip
+    first = run_training(load_config(base, [*overrides, "train.steps=4"]), None, quiet_config=True)
+    assert first.run_dir == "gs://bucket/runs/r" and first.final_step == 4
+    assert sorted(p.rsplit("/", 1)[-1] for p in gcs.ls("bucket/runs/r/checkpoints")) == ["2", "4"]
+    cfg = load_config(base, [*overrides, "train.steps=6"])
+    second = run_training(cfg, None, quiet_config=True)
+    assert (second.start_step, second.final_step) == (4, 6)
+    lines = gcs.cat("bucket/runs/r/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert any("events.out.tfevents" in p for p in gcs.ls("bucket/runs/r/tensorboard"))
+    assert b"steps: 6" in gcs.cat("bucket/runs/r/config.yaml")
+    state, meta = restore_latest(cfg, "gs://bucket/runs/r")
+    assert int(state.step) == 6 and meta["data_position"] == 6

@@ -222,11 +222,9 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def save_resolved(cfg: Config, folder: str) -> str:
-    """Writes the resolved config as `config.yaml` in `folder` (created if needed)."""
-    os.makedirs(folder, exist_ok=True)
+    """Writes the resolved config as `config.yaml` in `folder` (local or gs://)."""
+    from tpt_jax import storage
+
     path = os.path.join(folder, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(dump_yaml(cfg))
-    os.replace(tmp, path)
+    storage.write_bytes(path, dump_yaml(cfg).encode())
     return path

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import fsspec
 import numpy as np
 
+from tpt_jax import storage
 from tpt_jax.config import Config, to_dict
 from tpt_jax.data import vocab
 from tpt_jax.data.packing import Packer
@@ -51,28 +52,6 @@ def shard_name(task: str, index: int, count: int) -> str:
     return f"{task}/{index:05d}-of-{count:05d}.array_record"
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    """Atomic write: a temporary name, then a rename (local) or a single-object upload (gs://)."""
-    if "://" in path:
-        with fsspec.open(path, "wb") as f:
-            f.write(data)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
-
-
-def _exists(path: str) -> bool:
-    fs, inner = fsspec.core.url_to_fs(path)
-    return fs.exists(inner)
-
-
-def _read_json(path: str) -> dict:
-    with fsspec.open(path, "r") as f:
-        return json.load(f)
-
-
 def _write_rows(path: str, rows: list[np.ndarray]) -> None:
     from array_record.python import array_record_module
 
@@ -98,8 +77,8 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
     name = shard_name(task_name, index, count)
     stats_path = os.path.join(root, name + ".json")
     expected_hash = config_hash(cfg)
-    if _exists(stats_path):
-        stats = _read_json(stats_path)
+    if storage.exists(stats_path):
+        stats = storage.read_json(stats_path)
         if stats.get("config_hash") == expected_hash:
             return {**stats, "skipped": True}
         raise PreparedDataError(
@@ -133,7 +112,9 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
     task.source.rejects.close()
     if task.source.rejects.first_error:
         # Strict mode: no rows, no stats; the driver reports this and stops.
-        _write_bytes(os.path.join(root, name + ".error"), task.source.rejects.first_error.encode())
+        storage.write_bytes(
+            os.path.join(root, name + ".error"), task.source.rejects.first_error.encode()
+        )
         return {"error": task.source.rejects.first_error}
     _write_rows(os.path.join(root, name), rows)
     stats = {
@@ -146,7 +127,7 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
         "rejected": dict(task.source.rejects.counts),
         "config_hash": expected_hash,
     }
-    _write_bytes(stats_path, json.dumps(stats, indent=1).encode())
+    storage.write_bytes(stats_path, json.dumps(stats, indent=1).encode())
     return {**stats, "skipped": False}
 
 
@@ -201,7 +182,7 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
         raise BadInputError(errors[0])
     # Every shard's stats file is the record of its completion, whichever runner ran it.
     stats = [
-        _read_json(os.path.join(cfg.data.prepared_dir, shard_name(*item) + ".json"))
+        storage.read_json(os.path.join(cfg.data.prepared_dir, shard_name(*item) + ".json"))
         for item in items
     ]
     return write_manifest(cfg, stats, checksum, missing)
@@ -212,7 +193,7 @@ def _take_errors(cfg: Config, items: list[tuple[str, int, int]]) -> list[str]:
     messages = []
     for item in items:
         path = os.path.join(cfg.data.prepared_dir, shard_name(*item) + ".error")
-        if _exists(path):
+        if storage.exists(path):
             with fsspec.open(path, "r") as f:
                 messages.append(f.read())
             fs, inner = fsspec.core.url_to_fs(path)
@@ -249,7 +230,7 @@ def write_manifest(
         "tasks": per_task,
         "missing_inputs": list(missing_inputs),
     }
-    _write_bytes(
+    storage.write_bytes(
         os.path.join(cfg.data.prepared_dir, MANIFEST), json.dumps(manifest, indent=1).encode()
     )
     return manifest

@@ -7,11 +7,13 @@ The folder is what `tpt convert from-hf` writes and what `checkpoint.init_from` 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
 import yaml
 
+from tpt_jax import storage
 from tpt_jax.config import ModelConfig, load_config, to_dict
 from tpt_jax.errors import CheckpointError
 
@@ -25,9 +27,8 @@ def _abs(path: str) -> str:
 
 def save_model(folder: str, cfg: ModelConfig, params: dict) -> None:
     """Writes model.yaml and the parameters (numpy or jax arrays) as an Orbax checkpoint."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, MODEL_FILE), "w") as f:
-        yaml.safe_dump({"model": to_dict(cfg)}, f, sort_keys=False)
+    text = yaml.safe_dump({"model": to_dict(cfg)}, sort_keys=False)
+    storage.write_bytes(os.path.join(folder, MODEL_FILE), text.encode())
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(_abs(os.path.join(folder, PARAMS_DIR)), params, force=True)
     checkpointer.wait_until_finished()
@@ -35,10 +36,15 @@ def save_model(folder: str, cfg: ModelConfig, params: dict) -> None:
 
 def load_model_config(folder: str) -> ModelConfig:
     path = os.path.join(folder, MODEL_FILE)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise CheckpointError(
             f"{folder}: no {MODEL_FILE}; is this a folder written by `tpt convert from-hf`?"
         )
+    if storage.is_remote(path):  # the config loader reads local files
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, MODEL_FILE)
+            storage.write_bytes(local, storage.read_text(path).encode())
+            return load_config(local).model
     return load_config(path).model
 
 

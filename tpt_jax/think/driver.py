@@ -13,7 +13,6 @@ Decoding uses continuous batching: a finished slot is refilled at once.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from tpt_jax import storage
 from tpt_jax.config import Config
 from tpt_jax.data.readers import Document, read_corpus
 from tpt_jax.data.rejects import RejectLog
@@ -43,22 +43,21 @@ def shard_folder(output_dir: str, index: int, count: int) -> str:
     return os.path.join(output_dir, f"shard-{index:05d}-of-{count:05d}")
 
 
+def _chunks(folder: str) -> list[str]:
+    return storage.glob(os.path.join(folder, "chunk-*.jsonl"))
+
+
 def committed_records(folder: str) -> list[dict]:
+    """Every committed record of a shard folder (local or gs://), in commit order."""
     records = []
-    for path in sorted(glob.glob(os.path.join(folder, "chunk-*.jsonl"))):
-        with open(path) as f:
-            records.extend(json.loads(line) for line in f)
+    for path in _chunks(folder):
+        records.extend(json.loads(line) for line in storage.read_text(path).splitlines())
     return records
 
 
 def _commit(folder: str, index: int, records: list[dict]) -> None:
-    path = os.path.join(folder, f"chunk-{index:06d}.jsonl")
-    with open(path + ".tmp", "w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    storage.write_bytes(os.path.join(folder, f"chunk-{index:06d}.jsonl"), lines.encode())
 
 
 @dataclasses.dataclass
@@ -105,10 +104,12 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
     t = cfg.think
     index, count = shard
     folder = shard_folder(t.output_dir, index, count)
-    os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
     done = {r["id"] for r in committed_records(folder)}
-    chunk_index = len(glob.glob(os.path.join(folder, "chunk-*.jsonl")))
-    rejects = RejectLog(strict=cfg.data.strict, path=os.path.join(folder, "rejects.tsv"))
+    chunk_index = len(_chunks(folder))
+    # Bad documents are listed beside the output locally; on gs:// (no appends) they are counted.
+    reject_file = None if storage.is_remote(folder) else os.path.join(folder, "rejects.tsv")
+    rejects = RejectLog(strict=cfg.data.strict, path=reject_file)
     teacher = t.backend == "teacher"  # reads the document itself: no model, prompt or tokenizer
     tokenizer = None if teacher else GeneratorTokenizer(t.model_dir)
     template = load_template(t.template)

@@ -4,10 +4,13 @@ metadata field such as domain), saved as JSON with a PNG plot of length by group
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 
 import numpy as np
+
+from tpt_jax import storage
 
 
 def _stats(lengths: list[int]) -> dict:
@@ -44,8 +47,9 @@ def summarize_shard(folder: str, group_by: str, rejects: str) -> dict:
         "group_by": group_by,
         "input": rejects,
     }
-    with open(os.path.join(folder, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    storage.write_bytes(
+        os.path.join(folder, "summary.json"), json.dumps(summary, indent=1).encode()
+    )
     _plot(
         groups or {"all": lengths},
         group_by or "all documents",
@@ -68,8 +72,10 @@ def _plot(groups: dict[str, list[int]], label: str, path: str) -> None:
     ax.set_ylabel("thinking tokens")
     ax.set_title(f"Thinking length by {label}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def format_summary(summary: dict) -> str:

@@ -1,0 +1,59 @@
+"""Files on local disk or object stores (gs://) through fsspec, with atomic writes.
+
+A write is atomic either way: locally a temporary name then a rename; on GCS one object upload,
+which readers see whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import fsspec
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    if is_remote(path):
+        fs, inner = fsspec.core.url_to_fs(path)
+        fs.pipe_file(inner, data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def exists(path: str) -> bool:
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.exists(inner)
+
+
+def read_text(path: str) -> str:
+    with fsspec.open(path, "r") as f:
+        return f.read()
+
+
+def read_json(path: str):
+    return json.loads(read_text(path))
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted matches, as full paths (gs:// kept)."""
+    fs, inner = fsspec.core.url_to_fs(pattern)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    matches = fs.glob(inner)
+    if is_remote(pattern):
+        matches = [f"{protocol}://{m}" for m in matches]
+    return sorted(matches)
+
+
+def makedirs(path: str) -> None:
+    """Local folders only: object stores have none to make."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
