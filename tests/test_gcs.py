@@ -1,5 +1,6 @@
 """gs:// input and output through a real local GCS emulator (fake-gcs-server)."""
 
+import itertools
 import json
 import os
 import threading
@@ -71,6 +72,18 @@ data:
     assert gcs.exists("bucket/prepared/g_tpt/00000-of-00001.array_record")
     stored = json.loads(gcs.cat("bucket/prepared/manifest.json"))
     assert stored == manifest
+
+    # The loader reads the shards from gs:// (through a local copy) exactly as from a local dir.
+    from tpt_jax.config import MixtureComponent
+    from tpt_jax.data.loader import MixedRows, batches
+
+    gcs.get("bucket/prepared", str(tmp_path / "prepared"), recursive=True)
+    mixture = [MixtureComponent(task="g_tpt")]
+    remote = MixedRows("gs://bucket/prepared", mixture, 0, 32)
+    local = MixedRows(str(tmp_path / "prepared"), mixture, 0, 32)
+    pairs = zip(batches(remote, 0, 4, 0, 1), batches(local, 0, 4, 0, 1), strict=False)
+    for a, b in itertools.islice(pairs, 3):
+        assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
 
 
 def test_array_record_corpus_on_gcs(gcs, tmp_path):

@@ -57,3 +57,22 @@ def makedirs(path: str) -> None:
     """Local folders only: object stores have none to make."""
     if not is_remote(path):
         os.makedirs(path, exist_ok=True)
+
+
+def local_copy(path: str, cache_dir: str | None = None) -> str:
+    """A local path with the file's bytes: the path itself if local, else a copy downloaded once
+    into `cache_dir` (default ~/.cache/tpt_jax/files), keyed by the remote path and its size."""
+    if not is_remote(path):
+        return path
+    import hashlib
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    size = fs.size(inner)
+    key = hashlib.sha256(f"{path}:{size}".encode()).hexdigest()[:24]
+    cache_dir = cache_dir or os.path.expanduser("~/.cache/tpt_jax/files")
+    local = os.path.join(cache_dir, key + "-" + os.path.basename(inner))
+    if not (os.path.exists(local) and os.path.getsize(local) == size):
+        os.makedirs(cache_dir, exist_ok=True)
+        fs.get_file(inner, local + ".part")
+        os.replace(local + ".part", local)
+    return local

@@ -22,6 +22,7 @@ import fsspec
 import grain
 import numpy as np
 
+from tpt_jax import storage
 from tpt_jax.config import MixtureComponent
 from tpt_jax.data import prepare
 from tpt_jax.data.packing import row_to_batch_fields
@@ -133,11 +134,9 @@ class MixedRows:
 
 
 def _local(path: str) -> str:
-    if "://" in path:
-        raise prepare.PreparedDataError(
-            f"{path}: the loader reads prepared shards from a local or mounted path (gcsfuse for gs://)"
-        )
-    return path
+    """Prepared shards on gs:// are read from a local copy, downloaded once per host (for data
+    larger than the local disk, mount the bucket with gcsfuse and give the mounted path)."""
+    return storage.local_copy(path)
 
 
 def process_rows(

@@ -85,7 +85,6 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
             f"{stats_path} was prepared with another config ({stats.get('config_hash')} != {expected_hash}); "
             "use a new data.prepared_dir"
         )
-    import sentencepiece as spm
     import seqio
 
     from tpt_jax.data import tasks
@@ -93,7 +92,7 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
     tasks.register(cfg.data)
     task = seqio.get_mixture_or_task(task_name)
     task.source.rejects = RejectLog(strict=cfg.data.strict, path=_rejects_path(root, name))
-    processor = spm.SentencePieceProcessor(model_file=vocab.local_copy(cfg.data.vocab_path))
+    processor = vocab.seqio_vocabulary(cfg.data.vocab_path)
     packer = Packer(cfg.train.seq_len, cfg.data.long_docs)
     rows: list[np.ndarray] = []
     thinking_tokens = 0

@@ -129,7 +129,7 @@ def register(
     data: DataConfig, mixture_name: str = "tpt_mixture"
 ) -> tuple[list[seqio.Task], seqio.Mixture | None]:
     """(Re)registers every corpus's tasks and the configured mixture in seqio's registries."""
-    sp_vocab = seqio.SentencePieceVocabulary(vocab.local_copy(data.vocab_path))
+    sp_vocab = vocab.seqio_vocabulary(data.vocab_path)
     tasks = []
     for corpus in data.corpora:
         kinds = [("vanilla", False)] + ([("tpt", True)] if corpus.thinking_field else [])

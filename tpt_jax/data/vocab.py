@@ -37,10 +37,36 @@ def checksum(model: bytes) -> str:
     return "sha256:" + hashlib.sha256(model).hexdigest()
 
 
-def piece_count(model: bytes) -> int:
+def is_tokenizer_json(path: str) -> bool:
+    """data.vocab_path names a `tokenizers` tokenizer.json (a base model's own) instead of a
+    SentencePiece model."""
+    return path.endswith(".json")
+
+
+def piece_count(model: bytes, path: str = "") -> int:
+    if is_tokenizer_json(path):
+        import tokenizers
+
+        return tokenizers.Tokenizer.from_str(model.decode()).get_vocab_size(with_added_tokens=True)
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+
+
+def seqio_vocabulary(path: str):
+    """The seqio Vocabulary of data.vocab_path: SentencePiece (.model) or tokenizer.json."""
+    import seqio
+
+    if is_tokenizer_json(path):
+        from tpt_jax.data.hf_vocab import TokenizerJsonVocabulary
+
+        if "://" in path:
+            raise VocabError(
+                f"{path}: a tokenizer.json vocabulary is read from a local folder (with its "
+                "tokenizer_config.json); copy the base model's tokenizer files to every worker"
+            )
+        return TokenizerJsonVocabulary(path)
+    return seqio.SentencePieceVocabulary(local_copy(path))
 
 
 def local_copy(path: str) -> str:

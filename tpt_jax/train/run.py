@@ -57,7 +57,7 @@ def prepared_source(cfg: Config):
     if cfg.data.vocab_path:
         model = vocab.read_model(cfg.data.vocab_path)
         checksum = vocab.checksum(model)
-        size = vocab.piece_count(model)
+        size = vocab.piece_count(model, cfg.data.vocab_path)
         if cfg.model.vocab_size < size:
             raise ConfigError(
                 f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
