@@ -91,3 +91,29 @@ def test_tokenizer_json_encodes_like_sentencepiece():
         ids = sp.encode(text)
         assert tok.encode(text, add_special_tokens=False).ids == ids, text
         assert tok.decode(ids, skip_special_tokens=False) == sp.decode(ids), text
+
+
+def test_cot_exemplars_from_the_head_of_the_file_are_not_scored(tmp_path):
+    """Without an exemplars file the first `shots` records are the exemplars; limit 0 = all."""
+    import json
+
+    from tpt_jax.config import EvalTaskConfig
+    from tpt_jax.eval import run
+
+    path = tmp_path / "gsm.jsonl"
+    rows = [{"question": f"{i}+1?", "answer": i + 1, "solution": f"The answer is {i + 1}."}
+            for i in range(7)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class Echo:  # always answers 4: right only for the scored question 3+1
+        def greedy(self, prompts, max_new_tokens, stops=()):
+            return [" The answer is 4." for _ in prompts]
+
+    task = EvalTaskConfig(name="g", kind="cot", path=str(path), shots=2, limit=0)
+    result = run.few_shot_cot(Echo(), task)
+    assert result["count"] == 5 and result["shots"] == 2
+    assert result["accuracy"] == 0.2  # 5 scored questions (2+1 .. 6+1), one right
+    assert result["examples"][0]["prompt"].startswith("Question: 0+1?\nAnswer: The answer is 1.")
+    limited = run.few_shot_cot(Echo(), EvalTaskConfig(name="g", kind="cot", path=str(path),
+                                                      shots=2, limit=3))  # fmt: skip
+    assert limited["count"] == 3

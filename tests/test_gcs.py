@@ -130,6 +130,7 @@ def test_think_output_on_gcs_commits_and_resumes(gcs, tmp_path):
     assert sorted(r["id"] for r in records) == [p.id for p in problems]
     by_id = {p.id: p for p in problems}
     assert all(r["thinking"] == testbed.teacher_thinking(by_id[r["id"]].text) for r in records)
+    assert {r["meta"]["generator"] for r in records} == {"teacher"}
     assert len([p for p in gcs.ls(folder.removeprefix("gs://")) if "chunk-" in p]) == 4
     again = run_think(cfg)  # nothing pending: no new chunk, the same 30 records
     assert again["documents"] == 30 and len(committed_records(folder)) == 30

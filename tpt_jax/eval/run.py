@@ -159,7 +159,8 @@ def think_first(scorer: Scorer, task: EvalTaskConfig, tpt_template: str) -> dict
 
 
 def few_shot_cot(scorer: Scorer, task: EvalTaskConfig) -> dict:
-    records = read_jsonl(task.path, task.limit + (0 if task.exemplars else task.shots))
+    extra = 0 if task.exemplars else task.shots  # exemplars taken from the file's head
+    records = read_jsonl(task.path, task.limit + extra if task.limit else 0)
     if task.exemplars:
         exemplars = read_jsonl(task.exemplars, task.shots)
     else:

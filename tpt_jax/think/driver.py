@@ -84,7 +84,7 @@ def _finish(
         thinking = thinking.rsplit("\n", 1)[0].strip() if "\n" in thinking else thinking
     meta = {
         **slot.doc.meta,
-        "generator": os.path.basename(os.path.normpath(t.model_dir)) or t.backend,
+        "generator": os.path.basename(os.path.normpath(t.model_dir)) if t.model_dir else t.backend,
         "generator_dir": generator,
         "template": template.name,
         "template_sha256": template.sha256,
