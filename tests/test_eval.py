@@ -9,6 +9,7 @@ import tokenizers
 
 from tpt_jax.data import testbed, vocab
 from tpt_jax.eval import extract, fewshot
+from tpt_jax.think.tokenizer import cut_at_stop
 
 
 @pytest.mark.parametrize(
@@ -54,7 +55,7 @@ def test_few_shot_prompt_format():
     prompt = fewshot.build_prompt("gsm8k", shots, "2+3?")
     assert prompt == "Question: 1+1?\nAnswer: 1+1=2. The answer is 2.\n\nQuestion: 2+3?\nAnswer:"
     completion = " 2+3=5. The answer is 5.\n\nQuestion: 4+4?"
-    cut = fewshot.cut_at_stop(completion, fewshot.stop_strings("gsm8k"))
+    cut, _ = cut_at_stop(completion, fewshot.stop_strings("gsm8k"))
     assert extract.extract_gsm8k(cut) == "5" and "4+4" not in cut
 
 

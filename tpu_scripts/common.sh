@@ -19,16 +19,18 @@ RESERVATION=0
 QUEUED=0
 DRY_RUN=0
 REST=()
+COMMAND=()  # the words after `--`: the tpt command of launch.sh and relaunch.sh
 
 die() {
   echo "$(basename "$0"): error: $*" >&2
   exit 2
 }
 
-# Parses the shared options; everything else is left in REST.
+# Parses the shared options; words after `--` go to COMMAND, everything else to REST.
 parse_common() {
   while (($#)); do
     case "$1" in
+      --) shift; COMMAND=("$@"); break ;;
       --project) PROJECT="${2:?--project needs a value}"; shift 2 ;;
       --zone) ZONE="${2:?--zone needs a value}"; shift 2 ;;
       --name) NAME="${2:?--name needs a value}"; shift 2 ;;

@@ -15,13 +15,8 @@ usage: launch.sh --project P --zone Z --name N [--slices K] [--run RUN] [--env K
 USAGE
 }
 
-args=() seen_dash=0
-for word in "$@"; do
-  if ((seen_dash)); then args+=("$word"); elif [[ "$word" == "--" ]]; then seen_dash=1; fi
-done
-opts=()
-for word in "$@"; do [[ "$word" == "--" ]] && break; opts+=("$word"); done
-parse_common "${opts[@]+"${opts[@]}"}"
+parse_common "$@"
+args=("${COMMAND[@]+"${COMMAND[@]}"}")
 require project zone name
 ((${#args[@]})) || die "nothing to launch: give the tpt sub-command after --"
 

@@ -17,11 +17,8 @@ USAGE
 }
 
 here="$(dirname "${BASH_SOURCE[0]}")"
-args=() opts=() seen_dash=0
-for word in "$@"; do
-  if ((seen_dash)); then args+=("$word"); elif [[ "$word" == "--" ]]; then seen_dash=1; else opts+=("$word"); fi
-done
-parse_common "${opts[@]+"${opts[@]}"}"
+parse_common "$@"
+args=("${COMMAND[@]+"${COMMAND[@]}"}")
 require project zone name accelerator
 ((${#args[@]})) || die "nothing to launch: give the tpt sub-command after --"
 REPO="" COMMIT="" POLL=300 MAX_RESTARTS=20

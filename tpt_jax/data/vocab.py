@@ -75,16 +75,9 @@ def local_copy(path: str) -> str:
         if not os.path.exists(path):
             raise VocabError(f"SentencePiece model not found: {path}")
         return path
-    model = read_model(path)
-    cache = os.path.join(
-        os.path.expanduser("~/.cache/tpt_jax/vocab"), checksum(model).split(":")[1] + ".model"
-    )
-    if not os.path.exists(cache):
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        with open(cache + ".tmp", "wb") as f:
-            f.write(model)
-        os.replace(cache + ".tmp", cache)
-    return cache
+    from tpt_jax import storage
+
+    return storage.local_copy(path)
 
 
 def train(

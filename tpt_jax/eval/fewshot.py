@@ -22,8 +22,3 @@ def build_prompt(style: str, exemplars: list[dict], question: str) -> str:
 
 def stop_strings(style: str) -> tuple[str, ...]:
     return FORMATS[style][2]
-
-
-def cut_at_stop(text: str, stops) -> str:
-    cuts = [text.find(s) for s in stops if s in text]
-    return text[: min(cuts)] if cuts else text

@@ -67,10 +67,7 @@ class Scorer:
             outputs = generate(
                 self.params, self.cfg, ids, max_new_tokens, eos_id=self.tokenizer.eos_id
             )
-            for tokens in outputs:
-                if tokens and tokens[-1] == self.tokenizer.eos_id:
-                    tokens = tokens[:-1]
-                texts.append(fewshot.cut_at_stop(self.tokenizer.decode(tokens), stops))
+            texts.extend(self.tokenizer.completion(tokens, stops)[0] for tokens in outputs)
         return texts
 
 

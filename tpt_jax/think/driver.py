@@ -30,7 +30,7 @@ from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.think.backends import Completion
 from tpt_jax.think.generate import SamplingParams
 from tpt_jax.think.prompts import load_template, render
-from tpt_jax.think.tokenizer import GeneratorTokenizer
+from tpt_jax.think.tokenizer import GeneratorTokenizer, cut_at_stop
 
 THINK_OPEN = "<think>"
 
@@ -168,21 +168,13 @@ def _outcome(
     the first stop string."""
     reply = slot.completion
     if reply is not None and reply.text is not None:  # decoded by an OpenAI-compatible server
-        text, cut = _cut(reply.text, stops)
+        text, cut = cut_at_stop(reply.text, stops)
         num_tokens = (
             reply.num_tokens if reply.num_tokens is not None else len(tokenizer.encode(reply.text))
         )
         return text, "stop" if cut else (reply.finish_reason or "stop"), num_tokens
-    tokens = slot.tokens
-    if tokenizer.eos_id is not None and tokenizer.eos_id in tokens:
-        return tokenizer.decode(tokens[: tokens.index(tokenizer.eos_id)]), "stop", len(tokens)
-    text, cut = _cut(tokenizer.decode(tokens), stops)
-    return text, "stop" if cut or len(tokens) < cap else "length", len(tokens)
-
-
-def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stops if s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+    text, ended = tokenizer.completion(slot.tokens, stops)
+    return text, "stop" if ended or len(slot.tokens) < cap else "length", len(slot.tokens)
 
 
 def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:

@@ -30,11 +30,4 @@ def run_sample(
         SamplingParams(t.temperature, t.top_k, t.top_p, t.seed + i) for i in range(len(prompts))
     ]
     outputs = generate(params, model_cfg, ids, max_new_tokens, sampling, eos_id=tokenizer.eos_id)
-    completions = []
-    for tokens in outputs:
-        if tokens and tokens[-1] == tokenizer.eos_id:
-            tokens = tokens[:-1]
-        text = tokenizer.decode(tokens)
-        cuts = [text.find(s) for s in t.stop if s in text]
-        completions.append(text[: min(cuts)] if cuts else text)
-    return completions
+    return [tokenizer.completion(tokens, t.stop)[0] for tokens in outputs]

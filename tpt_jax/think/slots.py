@@ -13,6 +13,7 @@ use it directly, without importing JetStream.
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -24,6 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tpt_jax.config import ModelConfig
 from tpt_jax.think.generate import SamplingParams, decode, empty_cache, prefill, unstack_layers
 from tpt_jax.think.sampling import sample
+
+_COMPILED: dict = {}
 
 
 class SlotEngine:
@@ -61,9 +64,18 @@ class SlotEngine:
         self._max_prefill = max_prefill_length
         self._max_target = max_target_length
         self.default_sampling = sampling or SamplingParams()
-        self._prefill = jax.jit(self._prefill_impl)
-        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
-        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+        # Engines of the same model, cache length and mesh share their compiled steps (eval and
+        # `generate` build one engine per batch); the bodies read nothing else of the engine.
+        key = (cfg, max_target_length, mesh, rules)
+        if key not in _COMPILED:
+            body = copy.copy(self)
+            body._params = None  # the cache must not keep any model's parameters alive
+            _COMPILED[key] = (
+                jax.jit(body._prefill_impl),
+                jax.jit(body._insert_impl, donate_argnums=(1,)),
+                jax.jit(body._generate_impl, donate_argnums=(1,)),
+            )
+        self._prefill, self._insert, self._generate = _COMPILED[key]
 
     def load_params(self, *args, **kwargs) -> Any:
         """The parameters in the engine's layout (layers unstacked): pass these to prefill/generate."""

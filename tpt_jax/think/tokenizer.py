@@ -78,6 +78,15 @@ class GeneratorTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def completion(self, tokens: list[int], stops=()) -> tuple[str, bool]:
+        """The text of generated tokens up to the first EOS, cut at the first stop string (not
+        kept), and whether EOS or a stop string ended it."""
+        ended = self.eos_id is not None and self.eos_id in tokens
+        if ended:
+            tokens = tokens[: tokens.index(self.eos_id)]
+        text, cut = cut_at_stop(self.decode(tokens), stops)
+        return text, ended or cut
+
     def truncate(self, text: str, max_tokens: int) -> tuple[str, bool]:
         """The longest prefix of text within max_tokens tokens (cut at a token boundary)."""
         encoding = self._tok.encode(text, add_special_tokens=False)
@@ -85,6 +94,12 @@ class GeneratorTokenizer:
             return text, False
         end = encoding.offsets[max_tokens - 1][1]
         return text[:end], True
+
+
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """text up to its first stop string (not kept), and whether one occurred."""
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def _token_text(value) -> str | None:
