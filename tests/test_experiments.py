@@ -30,7 +30,7 @@ def test_config_validates_on_its_topology(name):
     if name.endswith("_vllm"):
         assert cfg.think.backend == "openai"
         return
-    chips = topology_chips(cfg.mesh.topology) * cfg.mesh.slices
+    chips = topology_chips(cfg.mesh.topology) * cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp
     validate_for_devices(cfg, chips)
     if name.startswith("think"):
         assert cfg.think.temperature == 0.6 and cfg.think.top_p == 0.9

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from tpt_jax.errors import TptError
 from tpt_jax.parallel import distributed
 
+RUN_COMPLETE = "tpt: run complete"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -36,18 +37,23 @@ def _load(args: argparse.Namespace, num_devices: int | None = None):
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
-    from tpt_jax.config import dump_yaml, load_config, mesh_shape, topology_chips
+    from tpt_jax.config import (
+        dump_yaml,
+        load_config,
+        mesh_shape,
+        topology_chips,
+        validate_for_devices,
+    )
 
+    cfg = load_config(args.config, args.overrides)
     devices = args.devices
-    if devices is None:
-        cfg = load_config(args.config, args.overrides)
-        if cfg.mesh.topology:  # a pod config: check it against its own slice(s)
-            devices = topology_chips(cfg.mesh.topology) * cfg.mesh.slices
-        else:
-            import jax
+    if devices is None and cfg.mesh.topology:  # a pod config: check it against its own slices
+        devices = topology_chips(cfg.mesh.topology) * cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp
+    elif devices is None:
+        import jax
 
-            devices = jax.device_count()
-    cfg = _load(args, devices)
+        devices = jax.device_count()
+    validate_for_devices(cfg, devices)
     print(dump_yaml(cfg), end="")
     mesh = {k: v for k, v in mesh_shape(cfg, devices).items() if v != 1} or {"data": 1}
     print(f"# valid for {devices} devices; mesh " + " x ".join(f"{k}={v}" for k, v in mesh.items()))
@@ -84,10 +90,13 @@ def _parse_size(text: str) -> int:
 def _cmd_train(args: argparse.Namespace) -> None:
     from tpt_jax.train.run import run_training
 
-    result = run_training(_load(args), args.config)
+    cfg = _load(args)
+    result = run_training(cfg, args.config)
     print(
         f"train: finished at step {result.final_step}, loss {result.last_loss:.4f}, run folder {result.run_dir}"
     )
+    if result.final_step == cfg.train.steps:
+        print(RUN_COMPLETE)  # tpu_scripts/relaunch.sh stops relaunching on this line
 
 
 def _cmd_think(args: argparse.Namespace) -> None:
@@ -111,7 +120,10 @@ def _cmd_think(args: argparse.Namespace) -> None:
         import jax
 
         index, count = jax.process_index(), jax.process_count()
-    print(format_summary(run_think(cfg, (index, count))))
+    summary = run_think(cfg, (index, count))
+    print(format_summary(summary))
+    if not summary["stopped_early"] and not summary["left_pending"]:
+        print(RUN_COMPLETE)  # tpu_scripts/relaunch.sh stops relaunching on this line
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:

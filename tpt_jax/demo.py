@@ -16,7 +16,6 @@ Whatever the comparison shows is reported as measured; the testbed is not tuned 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import time
@@ -70,9 +69,9 @@ def run_demo(
     # 3. vocabulary and the two tasks, packed
     from tpt_jax.data import vocab
     from tpt_jax.data.prepare import run_prepare
-    from tpt_jax.think.driver import committed_records
+    from tpt_jax.think.driver import committed_records, shard_folder
 
-    records = committed_records(glob.glob(os.path.join(think_dir, "shard-*"))[0])
+    records = committed_records(shard_folder(think_dir, 0, 1))
     vocab_path = os.path.join(out_dir, "vocab.model")
     texts = [t for r in records for t in (r["text"], r["thinking"])]
     vocab.train(texts, vocab_path, vocab_size=base.model.vocab_size)
@@ -142,7 +141,12 @@ def _eval_config(cfg: Config, heldout_path: str) -> Config:
     from tpt_jax.config import EvalConfig, EvalTaskConfig
 
     tasks = [
-        EvalTaskConfig(name="direct", kind="answer", path=heldout_path, answer_prefix=" Answer:"),
+        EvalTaskConfig(
+            name="direct",
+            kind="answer",
+            path=heldout_path,
+            answer_prefix=f" {testbed.ANSWER_PREFIX}",
+        ),
         EvalTaskConfig(
             name="think_first", kind="think_first", path=heldout_path, max_new_tokens=160
         ),

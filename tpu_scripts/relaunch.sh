@@ -51,7 +51,7 @@ state() {
 
 finished() {
   gcloud compute tpus tpu-vm ssh "$(node_names | head -n 1)" --project="$PROJECT" --zone="$ZONE" \
-    --worker=0 --command="grep -qE 'finished at step|^think: [0-9,]+ documents' ~/tpt_logs/$RUN.log" \
+    --worker=0 --command="grep -q '^tpt: run complete' ~/tpt_logs/$RUN.log" \
     2>/dev/null
 }
 

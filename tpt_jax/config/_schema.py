@@ -97,8 +97,8 @@ class MeshConfig:
         rules: logical-axis -> mesh-axis rules as [logical_name, mesh_axis or list or null];
             empty uses the built-in defaults of `tpt_jax.parallel`.
         topology: the TPU accelerator type a config is sized for (gcloud's name, e.g. v5p-128,
-            v6e-8, v5litepod-16); `tpt config --devices` and the TPU scripts read its chip count.
-        slices: number of such slices (multi-slice runs over DCN).
+            v6e-8, v5litepod-16); `tpt config` checks the mesh against its chips times the
+            slices (dcn_data x dcn_fsdp).
     """
 
     data: int = -1
@@ -108,7 +108,6 @@ class MeshConfig:
     dcn_fsdp: int = 1
     rules: list = field(default_factory=list)
     topology: str = ""
-    slices: int = 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -132,7 +132,6 @@ def validate(cfg: schema.Config) -> None:
             topology_chips(cfg.mesh.topology)
         except ValueError as e:
             _fail(cfg, "mesh.topology", str(e))
-    _positive(cfg, "mesh.slices", cfg.mesh.slices)
 
     _positive(cfg, "eval.batch_size", cfg.eval.batch_size)
     for i, task in enumerate(cfg.eval.tasks):

@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-ROW_FIELDS = ("inputs", "targets", "segment_ids")
-
 
 @dataclasses.dataclass
 class PackStats:
@@ -25,10 +23,6 @@ class PackStats:
     tokens: int = 0  # target tokens written (loss-bearing)
     truncated_tokens: int = 0  # tokens dropped by long_docs=truncate
     split_samples: int = 0  # samples that continued into another row
-
-    def add(self, other: PackStats) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class Packer:

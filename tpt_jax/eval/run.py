@@ -19,7 +19,7 @@ import numpy as np
 from tpt_jax.config import Config, EvalTaskConfig
 from tpt_jax.errors import TptError
 from tpt_jax.eval import extract, fewshot
-from tpt_jax.think.generate import generate, load_generator
+from tpt_jax.think.generate import generate, load_generator, unstack_layers
 from tpt_jax.think.tokenizer import GeneratorTokenizer
 
 _FIRST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -33,6 +33,7 @@ class Scorer:
 
         self.tokenizer = GeneratorTokenizer(model_dir)
         self.cfg, self.params = load_generator(model_dir, "float32")
+        self._decode_params = unstack_layers(self.params)  # generation's layout, made once
         self.batch_size = batch_size
         model = Decoder(self.cfg)
         self._logits = jax.jit(
@@ -65,7 +66,7 @@ class Scorer:
         for start in range(0, len(prompts), self.batch_size):
             ids = [self.tokenizer.encode(p) for p in prompts[start : start + self.batch_size]]
             outputs = generate(
-                self.params, self.cfg, ids, max_new_tokens, eos_id=self.tokenizer.eos_id
+                self._decode_params, self.cfg, ids, max_new_tokens, eos_id=self.tokenizer.eos_id
             )
             texts.extend(self.tokenizer.completion(tokens, stops)[0] for tokens in outputs)
         return texts

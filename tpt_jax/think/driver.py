@@ -127,6 +127,7 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
 
     produce = _local_slots if t.backend == "local" else _remote_slots
     preemption = PreemptionWatch(collective=False)  # shards stop independently
+    stopped = False
     finished: list[dict] = []
     failed = 0
     bar = tqdm(desc=f"think shard {index}/{count}", unit="doc", initial=len(done))
@@ -144,7 +145,8 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
         if len(finished) >= t.chunk_size:
             _commit(folder, chunk_index, finished[: t.chunk_size])
             chunk_index, finished = chunk_index + 1, finished[t.chunk_size :]
-        if preemption.stop_requested(bar.n):
+        stopped = preemption.stop_requested(bar.n)
+        if stopped:
             tqdm.write(
                 "tpt think: SIGTERM: committing the finished documents and stopping; rerun resumes"
             )
@@ -158,6 +160,7 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
 
     summary = summarize_shard(folder, t.group_by, rejects.summary())
     summary["left_pending"] = failed
+    summary["stopped_early"] = stopped
     return summary
 
 
@@ -232,6 +235,8 @@ def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) ->
 def _stopped(tokenizer: GeneratorTokenizer, tokens: list[int], stops: list[str], cap: int) -> bool:
     if len(tokens) >= cap or (tokenizer.eos_id is not None and tokens[-1] == tokenizer.eos_id):
         return True
+    if not stops:
+        return False
     tail = tokenizer.decode(tokens[-16:])  # stop strings span a few tokens at most
     return any(s in tail for s in stops)
 

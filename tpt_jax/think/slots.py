@@ -64,9 +64,9 @@ class SlotEngine:
         self._max_prefill = max_prefill_length
         self._max_target = max_target_length
         self.default_sampling = sampling or SamplingParams()
-        # Engines of the same model, cache length and mesh share their compiled steps (eval and
+        # Engines of the same model, slots, cache length and mesh share compiled steps (eval and
         # `generate` build one engine per batch); the bodies read nothing else of the engine.
-        key = (cfg, max_target_length, mesh, rules)
+        key = (cfg, max_concurrent_decodes, max_target_length, mesh, rules)
         if key not in _COMPILED:
             body = copy.copy(self)
             body._params = None  # the cache must not keep any model's parameters alive
