@@ -10,6 +10,7 @@ from tpt_jax.data import synthetic
 from tpt_jax.model import Decoder
 from tpt_jax.parallel import batch_sharding, make_mesh, rules_from_config
 from tpt_jax.train import (
+    compile_trainer,
     init_state,
     learning_rate,
     make_optimizer,
@@ -42,7 +43,7 @@ def _one_step(mesh_overrides, devices, accum=1, steps=1):
     state = init_state(cfg.model, tx, shardings, jax.random.key(0))
     data = batch_sharding(mesh, rules)
     step = jax.jit(
-        make_train_step(Decoder(cfg.model), tx, schedule, accum),
+        make_train_step(Decoder(cfg.model), tx, schedule, accum, mesh, rules),
         in_shardings=(shardings, data),
         out_shardings=(shardings, None),
         donate_argnums=0,
@@ -115,3 +116,29 @@ def test_gradient_accumulation_matches_one_big_batch(reference):
     )
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     _assert_params_close(state.params, ref_state.params)
+
+
+def test_temporaries_per_device_follow_the_per_device_batch():
+    """FSDP at a fixed per-device batch: each device's temporaries (activations, one layer's
+    gathered weights) must not grow with the device count. Before activations were pinned to
+    the batch axes they grew 2.8x from 1 to 8 devices (every device held the global batch)."""
+    shape = [
+        "model.vocab_size=512",
+        "model.hidden_size=128",
+        "model.num_heads=8",
+        "model.num_kv_heads=4",
+        "model.mlp_dim=512",
+        "model.num_layers=4",
+        "model.dtype=float32",
+        "model.remat_policy=full",
+        "train.seq_len=256",
+    ]
+    temporaries = {}
+    for n in (1, 2, 8):
+        cfg = load_config(
+            None, [*shape, "mesh.data=1", f"mesh.fsdp={n}", f"train.global_batch={4 * n}"]
+        )
+        compiled = compile_trainer(cfg, jax.devices()[:n]).step
+        temporaries[n] = compiled.memory_analysis().temp_size_in_bytes
+    assert temporaries[8] <= 1.05 * temporaries[1], temporaries
+    assert temporaries[2] <= 1.05 * temporaries[1], temporaries

@@ -16,8 +16,7 @@ import numpy as np
 from tpt_jax.config import Config
 from tpt_jax.data import synthetic
 from tpt_jax.model import param_count, training_flops_per_token
-from tpt_jax.train._loop import compile_trainer
-from tpt_jax.train._state import init_state
+from tpt_jax.train import compile_trainer, init_state
 
 
 def matmul_flops_per_second(dtype: str, size: int = 2048, repeats: int = 5) -> float:

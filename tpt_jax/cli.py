@@ -222,6 +222,32 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(format_result(benchmark_train_step(_load(args), steps=args.steps)))
 
 
+def _cmd_compile(args: argparse.Namespace) -> None:
+    # The compile target is a described TPU slice: the local devices are never needed, and on a
+    # TPU VM that is training they are busy (libtpu allows one owner per machine).
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from tpt_jax.config import load_config
+    from tpt_jax.train import compile_for_topology, format_report
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.think.corpus.paths:
+        raise TptError(
+            f"{args.config} is a thinking-generation config (think.corpus is set); tpt compile "
+            "compiles a config's train step"
+        )
+    topology = args.topology or cfg.mesh.topology
+    if not topology:
+        raise TptError(
+            f"{args.config}: no TPU topology to compile for; set mesh.topology or pass --topology"
+        )
+    slices = args.slices or cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp
+    report = compile_for_topology(cfg, topology, slices, estimate=not args.no_estimate)
+    print(format_report(report))
+    if not report.fits:
+        raise TptError(f"the train step does not fit in {topology}'s HBM (see above)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from tpt_jax.demo import run_demo
 
@@ -327,6 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=_cmd_config)
 
+    p = sub.add_parser(
+        "compile", help="compile the train step for a TPU topology here: memory, collectives, MFU"
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--topology",
+        default="",
+        help="v5p-128, v6e-256, v5litepod-16, v5p:4x4x4 (default: mesh.topology)",
+    )
+    p.add_argument(
+        "--slices", type=int, default=0, help="slices over DCN (default: mesh.dcn_data x dcn_fsdp)"
+    )
+    p.add_argument(
+        "--no-estimate", action="store_true", help="skip the two small compiles of the estimate"
+    )
+    p.set_defaults(func=_cmd_compile)
+
     p = sub.add_parser("convert", help="HF checkpoint folder <-> tpt_jax model folder")
     p.add_argument("direction", choices=["from-hf", "to-hf"])
     p.add_argument(
@@ -352,7 +395,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _skip_absent_tpu() -> None:
+    """With libtpu installed (for `tpt compile`) on a machine without accelerators, JAX would
+    still start the TPU runtime, which prints errors about missing TPU hosts: use the CPU."""
+    import glob
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    accelerators = {"0x1ae0", "0x10de", "0x1002"}  # PCI vendors: Google (TPU), NVIDIA, AMD
+    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(path) as f:
+                if f.read().strip() in accelerators:
+                    return
+        except OSError:
+            continue
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _skip_absent_tpu()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also follow options (argparse leaves those over).

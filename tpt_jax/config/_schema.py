@@ -15,7 +15,19 @@ from dataclasses import field
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots",
+    "dots_no_batch",
+    "save_qkv_proj",
+    "save_dot_except_mlp",
+    "save_dot_except_mlp_in",
+    "minimal",
+    "offload_qkv_proj",
+    "offload_dot_except_mlp",
+)
+ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "wsd")
 
@@ -46,9 +58,27 @@ class ModelConfig:
         param_dtype: storage dtype of parameters (optimizer master weights).
         remat_policy: what each layer keeps for the backward pass: "none" keeps everything,
             "full" recomputes the whole layer, "dots" keeps matmul outputs, "dots_no_batch" keeps
-            matmul outputs without a batch dimension (weights-side products).
-        attention_block: queries per block of causal attention; each block reads only the keys
-            up to its end, skipping the masked upper triangle. 0 = one block.
+            matmul outputs without a batch dimension (weights-side products). By name, as
+            MaxText users tune them: "save_qkv_proj" (the q/k/v projections),
+            "save_dot_except_mlp" (q/k/v, attention output and out projection),
+            "save_dot_except_mlp_in" (those and the MLP's down projection), "minimal" (every
+            projection), "offload_qkv_proj" / "offload_dot_except_mlp" (the same kept in host
+            memory instead of HBM: TPU only).
+        attention: training attention kernel. "auto" picks by the devices a step is compiled
+            for: "splash" (Pallas splash attention) on TPU, "cudnn" (jax.nn.dot_product_attention)
+            on GPU with a 16-bit dtype, "xla" (blocked einsums) otherwise.
+        attention_block: queries per block of the "xla" attention; each block reads only the
+            keys up to its end, skipping the masked upper triangle. 0 = one block.
+        splash_block_q, splash_block_kv, splash_block_kv_compute: splash attention tiles
+            (queries, keys per block, keys per inner step), used in the forward and both backward
+            kernels; each is capped at the sequence length.
+        splash_fused_bwd: one fused backward kernel for dq, dk and dv instead of two.
+        scan_unroll: iterations per loop body of the model's scanned loops (layers, loss
+            chunks); a large value unrolls them fully (longer compiles; XLA then schedules
+            across iterations, and its cost analysis counts every iteration).
+        loss_chunk: tokens per device in one chunk of the output projection and cross-entropy
+            (a range of positions of the device's rows): only one chunk's logits exist at a
+            time, and the training loss makes its gradient in the same pass. 0 = all at once.
         init_std: standard deviation of the normal initializer of every kernel and embedding.
         bos_token_id, eos_token_id: recorded for HF export; -1 when unknown.
     """
@@ -75,7 +105,14 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    attention: str = "auto"
     attention_block: int = 128
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
+    splash_block_kv_compute: int = 512
+    splash_fused_bwd: bool = False
+    scan_unroll: int = 1
+    loss_chunk: int = 4096
     init_std: float = 0.02
     bos_token_id: int = -1
     eos_token_id: int = -1

@@ -32,10 +32,22 @@ def validate(cfg: schema.Config) -> None:
     _choice(cfg, "model.param_dtype", m.param_dtype, schema.DTYPES)
     _choice(cfg, "model.remat_policy", m.remat_policy, schema.REMAT_POLICIES)
     _choice(cfg, "model.rope_scaling", m.rope_scaling, schema.ROPE_SCALING_TYPES)
+    _choice(cfg, "model.attention", m.attention, schema.ATTENTION_KINDS)
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
         _positive(cfg, f"model.{key}", getattr(m, key))
     _positive(cfg, "model.head_dim", m.head_dim, allow_zero=True)
     _positive(cfg, "model.attention_block", m.attention_block, allow_zero=True)
+    _positive(cfg, "model.scan_unroll", m.scan_unroll)
+    for key in ("splash_block_q", "splash_block_kv", "splash_block_kv_compute"):
+        if getattr(m, key) <= 0 or getattr(m, key) % 128:
+            _fail(cfg, f"model.{key}", f"must be a positive multiple of 128, got {getattr(m, key)}")
+    _positive(cfg, "model.loss_chunk", m.loss_chunk, allow_zero=True)
+    if m.splash_block_kv % m.splash_block_kv_compute:
+        _fail(
+            cfg,
+            "model.splash_block_kv_compute",
+            f"must divide model.splash_block_kv={m.splash_block_kv}, got {m.splash_block_kv_compute}",
+        )
     _positive(cfg, "model.rms_norm_eps", m.rms_norm_eps)
     _positive(cfg, "model.rope_theta", m.rope_theta)
     if m.num_heads % m.num_kv_heads:
@@ -70,6 +82,21 @@ def validate(cfg: schema.Config) -> None:
             _fail(cfg, f"mesh.{axis}", f"must be a positive size or -1 (fill), got {size}")
     if sum(getattr(cfg.mesh, a) == -1 for a in MESH_AXES) > 1:
         _fail(cfg, "mesh", "at most one mesh axis may be -1")
+    for rule in cfg.mesh.rules:
+        if not (isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+            _fail(
+                cfg,
+                "mesh.rules",
+                f"each rule is [logical_name, mesh_axis or list or null], got {rule!r}",
+            )
+        if rule[0] == "activation_embed" and rule[1]:
+            _fail(
+                cfg,
+                "mesh.rules",
+                "activation_embed must stay null: with the residual stream's width split over a "
+                "mesh axis, XLA's partitioner computes wrong values inside loops (see "
+                "tpt_jax/parallel/_rules.py)",
+            )
 
     t = cfg.train
     for key in ("steps", "global_batch", "seq_len"):

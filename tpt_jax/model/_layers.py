@@ -4,6 +4,9 @@ Every parameter is created with logical axis names, so `tpt_jax.parallel` rules 
 any mesh. Parameters are stored in `param_dtype` and cast to `dtype` for compute.
 
 Logical axes: vocab, embed, q_heads, kv_heads, head_dim, mlp, norm (and layers, added by scan).
+Activations are pinned by `activation_*` names (a no-op outside `parallel.activation_sharding`),
+and the projections carry `checkpoint_name`s that the remat policies select by: query_proj,
+key_proj, value_proj, attention_out, out_proj, mlp_gate, mlp_up, mlp_out.
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from tpt_jax.config import ModelConfig
+from tpt_jax.model._attention import MASKED_SCORE, causal_attention
 from tpt_jax.model._rope import apply_rope, inverse_frequencies
+from tpt_jax.parallel import constrain
 
-# Large negative score for masked keys: finite, so a fully masked row cannot produce NaN.
-_MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Logical names of the activations the layers constrain (tpt_jax.parallel rules map them).
+RESIDUAL = ("activation_batch", "activation_norm_length", "activation_embed")
+Q_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", None)
+MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
 
 
 def _param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str], cfg):
@@ -96,55 +105,6 @@ class Projection(nn.Module):
         return y
 
 
-def _heads_major(q, k, v):
-    """[B, T, H, D], [B, S, KV, D] x2 -> [B, KV, G, T, D], [B, KV, S, D] x2 (G = H / KV).
-
-    Batched matmuls over contiguous heads run far faster on CPU than contracting across the
-    sequence-major layout, so attention transposes once on the way in and once on the way out.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    qh = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-
-def _seq_major(out):
-    """[B, KV, G, T, D] -> [B, T, H, D]."""
-    b, kv, g, t, d = out.shape
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, d)
-
-
-def _attend(qh, kh, vh, mask):
-    """Heads-major softmax attention: qh [B, KV, G, T, D], kh/vh [B, KV, S, D], mask [B, T, S]."""
-    scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * (qh.shape[-1] ** -0.5), _MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
-
-
-def causal_attention(q, k, v, segment_ids, block: int):
-    """Self-attention over packed rows: causal, never across segments.
-
-    Queries are processed in blocks of `block`; block i only reads keys [0, end of block i),
-    which skips the masked upper triangle (about half the work at long lengths) and keeps each
-    block's scores small.
-
-    Args:
-        q: [B, T, H, D]; k, v: [B, T, KV, D]; segment_ids: int [B, T] (0 = padding).
-    """
-    length = q.shape[1]
-    block = min(block or length, length)
-    qh, kh, vh = _heads_major(q, k, v)
-    outs = []
-    for start in range(0, length, block):
-        end = min(start + block, length)
-        causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-        same = segment_ids[:, start:end, None] == segment_ids[:, None, :end]
-        mask = causal[None] & same
-        outs.append(_attend(qh[:, :, :, start:end], kh[:, :, :end], vh[:, :, :end], mask))
-    return _seq_major(jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0])
-
-
 def _decode_attention(q, k, v, cache, lengths):
     """One new token per row against a heads-major cache; returns (out [B, 1, H, D], new cache)."""
     b, _, h, d = q.shape
@@ -156,7 +116,7 @@ def _decode_attention(q, k, v, cache, lengths):
     qg = q.reshape(b, kv, h // kv, d)
     scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
     visible = jnp.arange(k_cache.shape[2])[None, :] <= lengths[:, None]
-    scores = jnp.where(visible[:, None, None], scores * (d**-0.5), _MASKED_SCORE)
+    scores = jnp.where(visible[:, None, None], scores * (d**-0.5), MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache)
     return out.reshape(b, 1, h, d), (k_cache, v_cache)
@@ -180,6 +140,9 @@ class Attention(nn.Module):
         q = Projection(c, (e,), (h, d), ("embed", "q_heads", "head_dim"), c.qkv_bias, name="q")(x)
         k = Projection(c, (e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, name="k")(x)
         v = Projection(c, (e,), (kv, d), ("embed", "kv_heads", "head_dim"), c.qkv_bias, name="v")(x)
+        q = checkpoint_name(constrain(q, Q_HEADS), "query_proj")
+        k = checkpoint_name(constrain(k, KV_HEADS), "key_proj")
+        v = checkpoint_name(constrain(v, KV_HEADS), "value_proj")
         if c.qk_norm:
             q = RMSNorm(c, name="q_norm")(q)
             k = RMSNorm(c, name="k_norm")(k)
@@ -187,12 +150,13 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if cache is None:
-            out = causal_attention(q, k, v, segment_ids, c.attention_block)
+            out = causal_attention(q, k, v, segment_ids, c)
             new_cache = (k, v)
         else:
             out, new_cache = _decode_attention(q, k, v, cache, lengths)
+        out = checkpoint_name(constrain(out, Q_HEADS), "attention_out")
         out = Projection(c, (h, d), (e,), ("q_heads", "head_dim", "embed"), name="o")(out)
-        return out, new_cache
+        return checkpoint_name(constrain(out, RESIDUAL), "out_proj"), new_cache
 
 
 class MLP(nn.Module):
@@ -205,8 +169,11 @@ class MLP(nn.Module):
         c = self.cfg
         gate = Projection(c, (c.hidden_size,), (c.mlp_dim,), ("embed", "mlp"), name="gate")(x)
         up = Projection(c, (c.hidden_size,), (c.mlp_dim,), ("embed", "mlp"), name="up")(x)
-        hidden = nn.silu(gate) * up
-        return Projection(c, (c.mlp_dim,), (c.hidden_size,), ("mlp", "embed"), name="down")(hidden)
+        gate = checkpoint_name(constrain(gate, MLP_HIDDEN), "mlp_gate")
+        up = checkpoint_name(constrain(up, MLP_HIDDEN), "mlp_up")
+        hidden = constrain(nn.silu(gate) * up, MLP_HIDDEN)
+        out = Projection(c, (c.mlp_dim,), (c.hidden_size,), ("mlp", "embed"), name="down")(hidden)
+        return checkpoint_name(constrain(out, RESIDUAL), "mlp_out")
 
 
 class DecoderLayer(nn.Module):
@@ -221,9 +188,10 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache=None, lengths=None):
+        x = constrain(x, RESIDUAL)
         attn, kv = Attention(self.cfg, name="attn")(
             RMSNorm(self.cfg, name="input_norm")(x), positions, segment_ids, cache, lengths
         )
-        h = x + attn
+        h = constrain(x + attn, RESIDUAL)
         out = h + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(h))
-        return out, (kv if self.keep_kv else None)
+        return constrain(out, RESIDUAL), (kv if self.keep_kv else None)

@@ -24,7 +24,9 @@ def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
     dcn = (sizes["dcn_data"], sizes["dcn_fsdp"], 1)
     if np.prod(dcn) > 1:
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
-    elif len(devices) == len(jax.devices()):
+    elif devices[0].platform == "tpu" or len(devices) == len(jax.devices()):
+        # All devices, or a TPU slice described for ahead-of-time compilation: lay the mesh
+        # axes onto the physical torus.
         grid = mesh_utils.create_device_mesh(ici, devices=devices)
     else:  # a sub-mesh (tests, restore onto fewer devices): keep the given order
         grid = np.asarray(devices).reshape(ici)

@@ -1,12 +1,19 @@
-"""Logical axis names -> mesh axes, and the NamedShardings they give parameters and batches.
+"""Logical axis names -> mesh axes, and the NamedShardings they give parameters and activations.
 
-Defaults follow MaxText's spirit: the batch is split over every data-parallel axis; parameters are
-sharded over `fsdp` along their embed axis and over `tensor` along heads / MLP width / vocab.
+Defaults follow MaxText's spirit. Parameters are sharded over `fsdp` along their embed axis and
+over `tensor` along heads / MLP width / vocab. Activations (the `activation_*` names the decoder
+constrains its intermediate values with) split the batch over every data-parallel axis and the
+heads, MLP width and vocab over `tensor`; their sequence axes stay whole unless a rule maps them
+(`activation_norm_length: tensor` is sequence parallelism of the residual stream). The residual
+stream's model width (`activation_embed`) stays whole, as in Megatron: split over `tensor` inside
+a loop (gradient accumulation, the chunked loss) XLA's partitioner computed wrong values on a
+data x fsdp x tensor mesh (tests/test_sharding.py), so the config refuses that rule.
 A dimension that a mesh axis does not divide stays replicated along that axis (reported once).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -27,19 +34,37 @@ DEFAULT_RULES: Rules = (
     ("norm", None),
     ("layers", None),
     ("length", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_norm_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 _log = logging.getLogger(__name__)
 
 
 def rules_from_config(rules: Sequence) -> Rules:
-    """cfg.mesh.rules ([[logical, mesh_axis | [axes] | null], ...]) or the defaults if empty."""
-    if not rules:
-        return DEFAULT_RULES
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    """cfg.mesh.rules ([[logical, mesh_axis | [axes] | null], ...]) over the defaults.
+
+    A configured rule replaces the default rule of the same logical name; names without a
+    configured rule keep their default, so a config only lists what it changes.
+    """
+    given = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    names = {name for name, _ in given}
+    return given + tuple(rule for rule in DEFAULT_RULES if rule[0] not in names)
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
+@functools.lru_cache(maxsize=256)
+def _report_once(message: str) -> None:
+    _log.info(message)
+
+
+def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
+    """`spec` with every mesh axis dropped that does not divide its dimension of `shape`."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
@@ -47,12 +72,20 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) ->
         for name in names:
             size *= mesh.shape[name]
         if names and dim % size:
-            _log.info(
-                "%s: dimension %d is not divisible by mesh axes %s; replicated", where, dim, names
+            _report_once(
+                f"{where}: dimension {dim} is not divisible by mesh axes {names}; replicated"
             )
             names = ()
         fitted.append(names[0] if len(names) == 1 else (names or None))
     return PartitionSpec(*fitted)
+
+
+def mesh_spec(
+    logical: Sequence[str | None], shape: tuple[int, ...], mesh: Mesh, rules: Rules, where: str
+) -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` whose axes carry the `logical` names."""
+    spec = nn.logical_to_mesh(PartitionSpec(*logical), rules)
+    return fit_spec(spec, shape, mesh, where)
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
@@ -65,7 +98,7 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules: Rules):
     shapes = nn.unbox(boxed_tree)
 
     def to_sharding(path, spec, shape):
-        return NamedSharding(mesh, _fit(spec, shape.shape, mesh, jax.tree_util.keystr(path)))
+        return NamedSharding(mesh, fit_spec(spec, shape.shape, mesh, jax.tree_util.keystr(path)))
 
     return jax.tree_util.tree_map_with_path(
         to_sharding, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec)

@@ -109,15 +109,12 @@ class SlotEngine:
         """The KV cache's sharding: slots over the `batch` mesh axes, kv heads over `kv_heads`."""
         if self._mesh is None:
             return None
-        import flax.linen as nn
+        from tpt_jax.parallel import DEFAULT_RULES, mesh_spec
 
-        from tpt_jax.parallel import DEFAULT_RULES
-        from tpt_jax.parallel._rules import _fit
-
-        logical = PartitionSpec("batch", "kv_heads", "length", "head_dim")
-        spec = nn.logical_to_mesh(logical, self._rules or DEFAULT_RULES)
+        logical = ("batch", "kv_heads", "length", "head_dim")
         shape = (self._slots, self.cfg.num_kv_heads, self._max_target, self.cfg.resolved_head_dim)
-        return NamedSharding(self._mesh, _fit(spec, shape, self._mesh, "kv cache"))
+        rules = self._rules or DEFAULT_RULES
+        return NamedSharding(self._mesh, mesh_spec(logical, shape, self._mesh, rules, "kv cache"))
 
     def _constrain(self, cache: list) -> list:
         sharding = self.cache_sharding()

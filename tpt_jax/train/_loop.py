@@ -77,6 +77,7 @@ class CompiledTrainer:
     """Everything a loop or a benchmark needs: mesh, shardings and the step compiled once."""
 
     mesh: jax.sharding.Mesh
+    rules: tuple
     tx: object
     model: Decoder
     abstract: object  # TrainState of ShapeDtypeStructs with shardings
@@ -145,7 +146,7 @@ def compile_trainer(cfg: Config, devices: list | None = None) -> CompiledTrainer
         for k in BATCH_KEYS
     }
     step_fn = jax.jit(
-        make_train_step(model, tx, schedule, cfg.optimizer.grad_accum_steps),
+        make_train_step(model, tx, schedule, cfg.optimizer.grad_accum_steps, mesh, rules),
         in_shardings=(shardings, data_sharding),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
@@ -155,6 +156,7 @@ def compile_trainer(cfg: Config, devices: list | None = None) -> CompiledTrainer
     seconds = time.perf_counter() - start
     return CompiledTrainer(
         mesh=mesh,
+        rules=rules,
         tx=tx,
         model=model,
         abstract=abstract,
@@ -299,7 +301,7 @@ def _make_evaluator(trainer: CompiledTrainer, eval_batches):
     if eval_batches is None:
         return None
     eval_fn = jax.jit(
-        make_eval_step(trainer.model),
+        make_eval_step(trainer.model, trainer.mesh, trainer.rules),
         in_shardings=(trainer.shardings.params, trainer.data_sharding),
         out_shardings=trainer.replicated,
     )

@@ -13,6 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+
+from tpt_jax.model import weighted_nll_sum
+from tpt_jax.parallel import DEFAULT_RULES, Rules, activation_sharding
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 
@@ -27,23 +31,37 @@ class TrainState:
 
 
 def loss_sums(model: nn.Module, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted next-token cross-entropy, sum of weights), both float32 scalars."""
-    logits = model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    """(sum of weighted next-token cross-entropy, sum of weights), both float32 scalars.
+
+    The logits are made and scored `model.cfg.loss_chunk` positions at a time
+    (`weighted_nll_sum`).
+    """
+    hidden, head = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        return_hidden=True,
     )
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     weights = batch["loss_weights"].astype(jnp.float32)
-    return jnp.sum((logz - target_logit) * weights), jnp.sum(weights)
+    c = model.cfg
+    total = weighted_nll_sum(hidden, head, batch["targets"], weights, c.loss_chunk, c.scan_unroll)
+    return total, jnp.sum(weights)
 
 
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, accum_steps: int
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    accum_steps: int,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """One optimizer step over a global batch split into `accum_steps` micro-batches.
 
     The loss is the token-weighted mean over the whole global batch, so accumulation changes
-    memory, not the objective.
+    memory, not the objective. With a `mesh`, the model's activations are pinned to it by
+    `rules` when the step is traced (FSDP / tensor parallelism; see tpt_jax.parallel).
     """
     grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
 
@@ -57,6 +75,10 @@ def make_train_step(
         )
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with activation_sharding(mesh, rules):
+            return sharded_step(state, batch)
+
+    def sharded_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         if accum_steps == 1:
             (loss_sum, weight), grads = grad_fn(state.params, batch)
         else:
@@ -84,6 +106,13 @@ def make_train_step(
     return step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[dict, dict], tuple[jax.Array, jax.Array]]:
+def make_eval_step(
+    model: nn.Module, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+) -> Callable[[dict, dict], tuple[jax.Array, jax.Array]]:
     """(params, batch) -> (loss sum, weight sum), to be summed over a held-out set."""
-    return lambda params, batch: loss_sums(model, params, batch)
+
+    def evaluate(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        with activation_sharding(mesh, rules):
+            return loss_sums(model, params, batch)
+
+    return evaluate
