@@ -120,6 +120,12 @@ BAD = {
         ["'train.steps' is given twice"],
     ),
     "section not a mapping": ("model: 7\n", [], ["model must be a mapping, got int 7"]),
+    "splash tile": ("model: {splash_block_q: 100}\n", [], ["'model.splash_block_q'", "of 128"]),
+    "residual split over a mesh axis": (
+        "mesh: {rules: [[activation_embed, tensor]]}\n",
+        [],
+        ["'mesh.rules'", "activation_embed must stay null"],
+    ),
 }
 
 

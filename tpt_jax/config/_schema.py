@@ -64,9 +64,10 @@ class ModelConfig:
             "save_dot_except_mlp_in" (those and the MLP's down projection), "minimal" (every
             projection), "offload_qkv_proj" / "offload_dot_except_mlp" (the same kept in host
             memory instead of HBM: TPU only).
-        attention: training attention kernel. "auto" picks by the devices a step is compiled
-            for: "splash" (Pallas splash attention) on TPU, "cudnn" (jax.nn.dot_product_attention)
-            on GPU with a 16-bit dtype, "xla" (blocked einsums) otherwise.
+        attention: training attention kernel. "auto" picks by the devices a train or eval step
+            is compiled for: "splash" (Pallas splash attention) on TPU, "cudnn"
+            (jax.nn.dot_product_attention) on GPU with a 16-bit dtype, "xla" (blocked einsums)
+            otherwise and outside such steps (generation's prefill).
         attention_block: queries per block of the "xla" attention; each block reads only the
             keys up to its end, skipping the masked upper triangle. 0 = one block.
         splash_block_q, splash_block_kv, splash_block_kv_compute: splash attention tiles

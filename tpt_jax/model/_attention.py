@@ -28,15 +28,16 @@ MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def implementation(cfg: ModelConfig) -> str:
-    """The kernel `cfg.attention` names; "auto" picks by the platform the step is traced for.
-
-    That platform is the one of the enclosing `activation_sharding` mesh (so a step compiled
-    ahead of time for a TPU topology on a CPU host gets splash attention), else JAX's default.
+    """The kernel `cfg.attention` names; "auto" picks by the platform of the mesh a train or
+    eval step is traced for (`parallel.activation_sharding`), so a step compiled ahead of time
+    for a TPU topology on a CPU host gets splash attention. Outside such a step (generation's
+    prefill, scoring) "auto" is the XLA path: a Pallas or cuDNN call on arrays sharded without
+    shard_map would not partition.
     """
     if cfg.attention != "auto":
         return cfg.attention
     active = active_mesh()
-    platform = active[0].devices.flat[0].platform if active else jax.default_backend()
+    platform = active[0].devices.flat[0].platform if active else "cpu"
     if platform == "tpu":
         return "splash"
     if platform == "gpu" and cfg.dtype in ("bfloat16", "float16"):

@@ -29,6 +29,7 @@ from tpt_jax.errors import TptError
 from tpt_jax.model import param_count, training_flops_per_token
 from tpt_jax.parallel import TpuChip, topology_devices
 from tpt_jax.train import _hlo
+from tpt_jax.train._state import bytes_per_device
 
 # Matmul FLOPs of each splash kernel per (query head x T^2 x head_dim), over computed blocks:
 # forward S=QK^T, PV; dq recomputes S, then dP, dQ; dkv recomputes S, then dV, dP, dK.
@@ -226,7 +227,7 @@ def compile_for_topology(
     report.temp_bytes = stats.temp_size_in_bytes
     report.code_bytes = stats.generated_code_size_in_bytes
     report.host_temp_bytes = stats.host_temp_size_in_bytes
-    report.state_bytes = _state_bytes(trainer.abstract)
+    report.state_bytes = bytes_per_device(trainer.abstract)
     report.hlo = trainer.step.as_text()
     program = _hlo.parse(report.hlo)
     report.collectives = _hlo.collectives(program, trainer.mesh)
@@ -236,15 +237,6 @@ def compile_for_topology(
     if estimate:
         report.xla_flops, report.xla_bytes, report.xla_seconds = _xla_cost(cfg, devices)
     return report
-
-
-def _state_bytes(abstract) -> int:
-    import jax
-
-    return sum(
-        math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
-        for s in jax.tree.leaves(abstract)
-    )
 
 
 def _size(n: float) -> str:

@@ -29,7 +29,12 @@ from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.train._checkpoint import RunCheckpoints
 from tpt_jax.train._metrics import MetricsWriter, format_metrics
 from tpt_jax.train._optimizer import learning_rate, make_optimizer
-from tpt_jax.train._state import init_state, state_from_params, state_shardings
+from tpt_jax.train._state import (
+    bytes_per_device,
+    init_state,
+    state_from_params,
+    state_shardings,
+)
 from tpt_jax.train._step import BATCH_KEYS, make_eval_step, make_train_step
 
 BatchSource = Callable[[int], Iterator[dict]]
@@ -55,10 +60,7 @@ def _log(message: str) -> None:
 
 
 def _memory_report(compiled, abstract_state) -> str:
-    state_bytes = sum(
-        math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
-        for s in jax.tree.leaves(abstract_state)
-    )
+    state_bytes = bytes_per_device(abstract_state)
     stats = compiled.memory_analysis()
     if stats is None:
         return f"state {state_bytes / 2**20:,.1f} MiB per device (no compiled memory analysis on this backend)"

@@ -7,6 +7,8 @@ scalars (step counts) come out replicated.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,14 @@ def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
         shardings,
     )
     return abstract, shardings
+
+
+def bytes_per_device(abstract) -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs carrying shardings."""
+    return sum(
+        math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
+        for s in jax.tree.leaves(abstract)
+    )
 
 
 def init_state(model_cfg: ModelConfig, tx, shardings: TrainState, rng: jax.Array) -> TrainState:
