@@ -136,6 +136,26 @@ def test_think_output_on_gcs_commits_and_resumes(gcs, tmp_path):
     assert again["documents"] == 30 and len(committed_records(folder)) == 30
 
 
+def test_a_shard_folder_on_gcs_has_one_owner(gcs):
+    """The lease object: a second owner is refused while the first renews it; a lease left by a
+    killed holder is taken over, and the old holder then finds it lost instead of writing on."""
+    import time
+
+    from tpt_jax.lock import FolderBusyError, FolderLock
+
+    first = FolderLock("gs://bucket/owned/shard-0", lease_s=2.0).__enter__()
+    time.sleep(1.2)  # past one renewal
+    with pytest.raises(FolderBusyError, match=f"in use by pid {os.getpid()}"):
+        FolderLock("gs://bucket/owned/shard-0", lease_s=2.0).__enter__()
+    first._stop.set()  # the holder freezes (as if SIGKILLed): no more renewals
+    first._renewer.join()
+    time.sleep(2.5)
+    with FolderLock("gs://bucket/owned/shard-0", lease_s=2.0) as second:
+        assert not first._put(first._generation)  # the frozen holder's lease is gone
+        assert not second.lost
+    assert not gcs.exists("bucket/owned/shard-0/.owner")
+
+
 def test_training_checkpoints_and_logs_on_gcs(gcs, tmp_path):
     """Checkpoints (Orbax + tensorstore), metrics.jsonl, TensorBoard and the resolved config in a
     gs:// run folder; a second invocation resumes from the checkpoint there."""

@@ -8,6 +8,8 @@ inside the sub-commands so that config errors are reported at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -34,6 +36,32 @@ def _load(args: argparse.Namespace, num_devices: int | None = None):
         num_devices = jax.device_count()
     validate_for_devices(cfg, num_devices)
     return cfg
+
+
+def _check_output_folder(path: str, key: str, cfg) -> None:
+    """A local output folder that is (or lies under) a regular file fails deep inside a library
+    after the run's set-up; say so at once, naming the key."""
+    if not path or "://" in path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise TptError(
+            f"config key '{key}': {path} cannot be a folder: {existing} is a file "
+            f"({cfg.source_of(key)}); choose another path"
+        )
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """An OSError inside names `path` (a failed write() reports no file name of its own)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = path
+        raise
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
@@ -91,6 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from tpt_jax.train.run import run_training
 
     cfg = _load(args)
+    _check_output_folder(cfg.checkpoint.output_dir, "checkpoint.output_dir", cfg)
     result = run_training(cfg, args.config)
     print(
         f"train: finished at step {result.final_step}, loss {result.last_loss:.4f}, run folder {result.run_dir}"
@@ -108,6 +137,7 @@ def _cmd_think(args: argparse.Namespace) -> None:
     if not ((cfg.think.model_dir or not needs_model) and cfg.think.output_dir
             and cfg.think.corpus.paths):  # fmt: skip
         raise TptError("tpt think needs think.model_dir, think.output_dir and think.corpus.paths")
+    _check_output_folder(cfg.think.output_dir, "think.output_dir", cfg)
     if args.shard:
         try:
             index, count = (int(x) for x in args.shard.split("/"))
@@ -154,18 +184,21 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         raise TptError(
             "tpt serve needs think.model_dir (a folder written by `tpt convert from-hf`)"
         )
-    server = start_server(cfg, args.port, args.max_prefill_length)
+    server, prefill = start_server(cfg, args.port, args.max_prefill_length, args.host)
     print(
-        f"serve: JetStream gRPC on port {args.port} ({cfg.think.model_dir}); Ctrl-C stops",
+        f"serve: JetStream gRPC on port {args.port} of {args.host} ({cfg.think.model_dir}, "
+        f"prompts up to {prefill} tokens); Ctrl-C stops",
         flush=True,
     )
     server.wait_for_termination()
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from tpt_jax.data.prepare import run_prepare, summarize
+    cfg = _load(args)
+    _check_output_folder(cfg.data.prepared_dir, "data.prepared_dir", cfg)
+    from tpt_jax.data.prepare import run_prepare, summarize  # Beam, SeqIO: after the checks
 
-    print(summarize(run_prepare(_load(args), args.beam_args)))
+    print(summarize(run_prepare(cfg, args.beam_args)))
 
 
 def _cmd_vocab(args: argparse.Namespace) -> None:
@@ -204,7 +237,8 @@ def _cmd_vocab(args: argparse.Namespace) -> None:
     )
     if rejects.first_error:
         raise BadInputError(rejects.first_error)  # nothing written
-    digest = vocab.write(out, model)
+    with _naming(out):
+        digest = vocab.write(out, model)
     print(f"vocab: wrote {out} ({digest}); input: {rejects.summary()}")
 
 
@@ -307,8 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve think.model_dir over JetStream gRPC")
     _add_config_args(p)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or :: for every one)"
+    )
     p.add_argument("--port", type=int, default=9000)
-    p.add_argument("--max-prefill-length", type=int, default=1024)
+    p.add_argument(
+        "--max-prefill-length", type=int, default=None,
+        help="longest prompt in tokens, a power of two (default: think.max_document_tokens "
+        "plus the template's tokens); longer requests get INVALID_ARGUMENT",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("think", help="generate thinking trajectories for a corpus (crash-safe)")
@@ -433,10 +474,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TptError as e:
         print(f"tpt: error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
+    except (OSError, UnicodeDecodeError) as e:
+        message = _file_error(e)
+        if message is None:
+            raise
+        print(f"tpt: error: {' '.join(message.split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tpt: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+# File-system failures the user can fix (a full disk, a file where a folder belongs, rights):
+# one line naming the path. Any other OSError (a socket, ...) keeps its traceback: maybe a bug.
+_FILE_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM,
+    errno.EEXIST, errno.ENOENT, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP,
+}  # fmt: skip
+
+
+def _file_error(e: OSError | UnicodeDecodeError) -> str | None:
+    """The one-line message for a file error, or None for an error that is not one."""
+    if isinstance(e, UnicodeDecodeError):  # the readers that know the path say so themselves
+        return f"a file is not {e.encoding} text (byte {e.start}: {e.reason})"
+    if e.errno not in _FILE_ERRNOS:
+        return None
+    paths = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{paths}: {e.strerror}" if paths else f"{e.strerror} ({errno.errorcode[e.errno]})"
 
 
 if __name__ == "__main__":

@@ -22,10 +22,15 @@ def write_bytes(path: str, data: bytes) -> None:
         fs.pipe_file(inner, data)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:  # a failed write (a full disk) names no file: name the output
+            e.filename = path
+        raise
     os.replace(path + ".tmp", path)
 
 

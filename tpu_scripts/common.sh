@@ -72,6 +72,13 @@ quote() {
   fi
 }
 
+# A run name names its log file on every worker (~/tpt_logs/RUN.log): one file name. Quoting
+# (printf %q) keeps any other character literal in the remote shell.
+check_run_name() {
+  [[ -n "$1" && "$1" != */* && "$1" != . && "$1" != .. ]] ||
+    die "the run name (--run, default: the tpt sub-command) must be a file name without '/', got '$1'"
+}
+
 # Runs a command, or prints it (copy-pasteable) with --dry-run.
 run() {
   if ((DRY_RUN)); then

@@ -30,7 +30,10 @@ while (($#)); do
   esac
 done
 
-quoted_args="" quoted_envs=""
+check_run_name "$RUN"
+# Everything below reaches the workers' shell through --command: quote every value (%q) so that
+# a name or argument arrives as written and is never run as code.
+quoted_args="" quoted_envs="" quoted_log="$(printf '%q' "$RUN.log")"
 for word in "${args[@]}"; do quoted_args+=" $(printf '%q' "$word")"; done
 for word in "${envs[@]+"${envs[@]}"}"; do quoted_envs+=" $(printf '%q' "$word")"; done
 
@@ -50,11 +53,12 @@ slice=0
 while read -r node; do
   megascale=""
   if ((SLICES > 1)); then
-    megascale=" MEGASCALE_COORDINATOR_ADDRESS=$coordinator:8080 MEGASCALE_NUM_SLICES=$SLICES"
+    megascale=" MEGASCALE_COORDINATOR_ADDRESS=$(printf '%q' "$coordinator:8080")"
+    megascale+=" MEGASCALE_NUM_SLICES=$SLICES"
     megascale+=" MEGASCALE_SLICE_ID=$slice MEGASCALE_PORT=8080"
   fi
   run gcloud compute tpus tpu-vm ssh "$node" --project="$PROJECT" --zone="$ZONE" --worker=all \
     --command="mkdir -p ~/tpt_logs; cd ~/tpt_jax; nohup env$megascale$quoted_envs \
-.venv/bin/tpt$quoted_args > ~/tpt_logs/$RUN.log 2>&1 &"
+.venv/bin/tpt$quoted_args > ~/tpt_logs/$quoted_log 2>&1 &"
   slice=$((slice + 1))
 done < <(node_names)

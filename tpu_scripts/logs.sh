@@ -26,13 +26,18 @@ while (($#)); do
   esac
 done
 
+check_run_name "$RUN"
+# The log's path is read by the worker's shell (ssh --command, and scp's remote side): quote the
+# name (%q) so that it arrives as written; `~` stays unquoted to expand there, not here.
+# shellcheck disable=SC2088
+log="~/tpt_logs/$(printf '%q' "$RUN.log")"
 if [[ -n "$COLLECT" ]]; then
   while read -r node; do
     run mkdir -p "$COLLECT/$node"
-    run gcloud compute tpus tpu-vm scp "$node:~/tpt_logs/$RUN.log" "$COLLECT/$node/" \
+    run gcloud compute tpus tpu-vm scp "$node:$log" "$COLLECT/$node/" \
       --project="$PROJECT" --zone="$ZONE" --worker=all
   done < <(node_names)
 else
   run gcloud compute tpus tpu-vm ssh "$(node_names | head -n 1)" --project="$PROJECT" \
-    --zone="$ZONE" --worker="$WORKER" --command="tail -n 200 -f ~/tpt_logs/$RUN.log"
+    --zone="$ZONE" --worker="$WORKER" --command="tail -n 200 -f $log"
 fi

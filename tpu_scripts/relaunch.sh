@@ -43,6 +43,7 @@ setup=("${resource[@]}" --repo "$REPO")
 dry=()
 ((DRY_RUN)) && dry=(--dry-run)
 RUN="${args[0]}"
+check_run_name "$RUN"
 
 state() {
   gcloud compute tpus queued-resources describe "$NAME" --project="$PROJECT" --zone="$ZONE" \
@@ -51,7 +52,7 @@ state() {
 
 finished() {
   gcloud compute tpus tpu-vm ssh "$(node_names | head -n 1)" --project="$PROJECT" --zone="$ZONE" \
-    --worker=0 --command="grep -q '^tpt: run complete' ~/tpt_logs/$RUN.log" \
+    --worker=0 --command="grep -q '^tpt: run complete' ~/tpt_logs/$(printf '%q' "$RUN.log")" \
     2>/dev/null
 }
 

@@ -224,6 +224,8 @@ class CheckpointConfig:
         keep: number of most recent checkpoints kept.
         async_save: write checkpoints in the background while training continues.
         init_from: a converted checkpoint (`tpt convert`) to start from with a fresh optimizer.
+        allow_config_change: resume although settings that change the run differ from the
+            checkpoint's (batch, data, schedule, optimizer, model); recorded in config_changes.jsonl.
     """
 
     output_dir: str = "runs"
@@ -232,6 +234,7 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
     init_from: str = ""
+    allow_config_change: bool = False  # deliberate changes only: a typo would fork the run silently
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -325,6 +328,10 @@ class ThinkConfig:
         timeout_s: deadline of one remote request.
         retries: attempts after the first failure (exponential backoff); a document that still
             fails stays pending for the next run, never lost.
+        preemption_grace_s: after SIGTERM, how long remote requests in flight may still finish
+            (finished documents are committed at once); the rest stay pending.
+        allow_settings_change: add to an output folder generated with other settings (template,
+            generator, sampling, lengths); the change is recorded in its settings_changes.jsonl.
     """
 
     model_dir: str = ""
@@ -351,6 +358,8 @@ class ThinkConfig:
     concurrency: int = 16
     timeout_s: float = 600.0
     retries: int = 3
+    preemption_grace_s: float = 10.0
+    allow_settings_change: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

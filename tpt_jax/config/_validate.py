@@ -20,7 +20,8 @@ def _choice(cfg: schema.Config, key: str, value: str, allowed: tuple[str, ...]) 
 
 
 def _positive(cfg: schema.Config, key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # nan passes every comparison and inf is no usable rate, size or limit: refuse both.
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         _fail(cfg, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
@@ -109,6 +110,7 @@ def validate(cfg: schema.Config) -> None:
     _positive(cfg, "optimizer.grad_accum_steps", o.grad_accum_steps)
     _positive(cfg, "optimizer.grad_clip", o.grad_clip, allow_zero=True)
     _positive(cfg, "optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    _positive(cfg, "optimizer.eps", o.eps, allow_zero=True)
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
         _fail(cfg, "optimizer.b1", f"Adam betas must lie in [0, 1), got b1={o.b1}, b2={o.b2}")
     if t.global_batch % o.grad_accum_steps:
@@ -148,6 +150,7 @@ def validate(cfg: schema.Config) -> None:
     _positive(cfg, "think.concurrency", th.concurrency)
     _positive(cfg, "think.timeout_s", th.timeout_s)
     _positive(cfg, "think.retries", th.retries, allow_zero=True)
+    _positive(cfg, "think.preemption_grace_s", th.preemption_grace_s, allow_zero=True)
     for key in ("max_document_tokens", "max_new_tokens", "chunk_size", "max_concurrent_decodes"):
         _positive(cfg, f"think.{key}", getattr(th, key))
     _positive(cfg, "think.temperature", th.temperature, allow_zero=True)

@@ -2,8 +2,11 @@
 
 An Apache Beam pipeline with one work item per (task, input file): run the SeqIO task's
 preprocessors on that file, pack the token stream into `train.seq_len` rows, write
-`<prepared_dir>/<task>/<i>-of-<n>.array_record` and its stats atomically. A rerun skips items
-whose stats exist, so a crash loses at most the items in flight; the manifest is written last.
+`<prepared_dir>/<task>/<i>-of-<n>.array_record` and its stats atomically. The stats record the
+vocabulary checksum and a fingerprint of the input file, and are written only after the rows are
+on disk. A rerun skips items whose stats match the current vocabulary and input, and rebuilds the
+others, so a crash loses at most the items in flight. An input that cannot be read to its end is
+never marked done. The manifest is written last, with the vocabulary the shards were built with.
 
 Here it runs on Beam's DirectRunner. Beyond one machine, the same pipeline runs on Dataflow:
 
@@ -15,6 +18,7 @@ with data.prepared_dir, the corpora and the vocabulary on gs://.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -52,6 +56,42 @@ def shard_name(task: str, index: int, count: int) -> str:
     return f"{task}/{index:05d}-of-{count:05d}.array_record"
 
 
+def input_fingerprint(path: str) -> dict:
+    """What identifies one version of an input file: size and mtime locally, the object's
+    generation (or etag) on an object store."""
+    if not storage.is_remote(path):
+        st = os.stat(path)
+        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    fs, inner = fsspec.core.url_to_fs(path)
+    fs.invalidate_cache(inner)  # a listing cached earlier in this process may predate a rewrite
+    info = fs.info(inner)
+    keys = ("generation", "etag", "ETag", "mtime", "updated", "LastModified")
+    version = next((info[k] for k in keys if info.get(k)), None)
+    return {"path": path, "size": info.get("size"), "version": str(version)}
+
+
+def _pinned_vocab(path: str) -> tuple[str, str]:
+    """(vocabulary path to tokenize with, its checksum), both of one and the same model bytes."""
+    if vocab.is_tokenizer_json(path):  # loaded fresh each time; read beside its tokenizer_config
+        return path, vocab.checksum(vocab.read_model(path))
+    return vocab.pinned_copy(path)
+
+
+def _fsync(path: str) -> None:
+    """Flushes a file's data, or a folder's entries (a rename), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    fs, inner = fsspec.core.url_to_fs(path)
+    with contextlib.suppress(FileNotFoundError):  # absent, or another worker removed it first
+        fs.rm(inner)
+
+
 def _write_rows(path: str, rows: list[np.ndarray]) -> None:
     from array_record.python import array_record_module
 
@@ -65,34 +105,56 @@ def _write_rows(path: str, rows: list[np.ndarray]) -> None:
     writer.close()
     if "://" in path:
         fs, inner = fsspec.core.url_to_fs(path)
-        fs.put_file(local + ".tmp", inner)
+        fs.put_file(local + ".tmp", inner)  # one upload: whole or absent
         os.remove(local + ".tmp")
     else:
+        # The stats written next mark the shard done, so the rows, then their rename, must be on
+        # the disk before them: a power cut must not leave stats over missing or partial rows.
+        _fsync(local + ".tmp")
         os.replace(local + ".tmp", local)
+        _fsync(os.path.dirname(local))
 
 
-def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
-    """Tokenizes, packs and writes one (task, input file); returns its stats. Skips finished ones."""
+def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_path: str) -> dict:
+    """Tokenizes, packs and writes one (task, input file); returns its stats. Skips a finished one
+    whose vocabulary and input are unchanged."""
     root = cfg.data.prepared_dir
     name = shard_name(task_name, index, count)
     stats_path = os.path.join(root, name + ".json")
     expected_hash = config_hash(cfg)
+    # Read once: the checksum recorded is that of the very bytes this item tokenizes with.
+    vocab_path, vocab_checksum = _pinned_vocab(cfg.data.vocab_path)
+    # Taken before reading, so a file that changes while it is read is rebuilt by the next run.
+    inputs = [input_fingerprint(input_path)]
     if storage.exists(stats_path):
         stats = storage.read_json(stats_path)
-        if stats.get("config_hash") == expected_hash:
+        if stats.get("config_hash") != expected_hash:
+            raise PreparedDataError(
+                f"{stats_path} was prepared with another config ({stats.get('config_hash')} != {expected_hash}); "
+                "use a new data.prepared_dir"
+            )
+        if stats.get("vocab_checksum") == vocab_checksum and stats.get("inputs") == inputs:
             return {**stats, "skipped": True}
-        raise PreparedDataError(
-            f"{stats_path} was prepared with another config ({stats.get('config_hash')} != {expected_hash}); "
-            "use a new data.prepared_dir"
-        )
+        _remove(stats_path)  # its vocabulary or input changed: not done until rebuilt
+    # The manifest vouches for every shard; while one is rebuilt, none must be vouched for.
+    _remove(os.path.join(root, MANIFEST))
     import seqio
 
     from tpt_jax.data import tasks
 
-    tasks.register(cfg.data)
+    tasks.register(dataclasses.replace(cfg.data, vocab_path=vocab_path))
     task = seqio.get_mixture_or_task(task_name)
-    task.source.rejects = RejectLog(strict=cfg.data.strict, path=_rejects_path(root, name))
-    processor = vocab.seqio_vocabulary(cfg.data.vocab_path)
+    files = task.source.list_shards("train")[index::count]
+    if files != [input_path]:
+        raise PreparedDataError(
+            f"the input files of task {task_name} changed during `tpt prepare` ({input_path} is "
+            f"now {files}); run it again"
+        )
+    rejects_path = _rejects_path(root, name)
+    if rejects_path and os.path.exists(rejects_path):
+        os.remove(rejects_path)  # an earlier build's report; this build writes its own, if any
+    task.source.rejects = RejectLog(strict=cfg.data.strict, path=rejects_path)
+    processor = vocab.seqio_vocabulary(vocab_path)
     packer = Packer(cfg.train.seq_len, cfg.data.long_docs)
     rows: list[np.ndarray] = []
     thinking_tokens = 0
@@ -115,11 +177,18 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int) -> dict:
             os.path.join(root, name + ".error"), task.source.rejects.first_error.encode()
         )
         return {"error": task.source.rejects.first_error}
+    if task.source.rejects.unreadable_files:
+        # Its rows would hold only part of the file: no rows, no stats, so a rerun retries it.
+        message = "; ".join(task.source.rejects.unreadable_files)
+        storage.write_bytes(os.path.join(root, name + ".error"), message.encode())
+        return {"error": message}
     _write_rows(os.path.join(root, name), rows)
     stats = {
         "task": task_name,
         "file": name,
-        "input": task.source.list_shards("train")[index],
+        "input": input_path,
+        "inputs": inputs,
+        "vocab_checksum": vocab_checksum,
         **dataclasses.asdict(packer.stats),
         "documents": packer.stats.samples,
         "thinking_tokens": thinking_tokens,
@@ -136,9 +205,9 @@ def _rejects_path(root: str, name: str) -> str | None:
     return os.path.join(root, "rejects", name.replace("/", "-").replace(".array_record", ".tsv"))
 
 
-def work_items(cfg: Config) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """(task, input file index, input file count) for every task of the mixture, and the input
-    paths that match no file (skipped; with data.strict the run stops)."""
+def work_items(cfg: Config) -> tuple[list[tuple[str, int, int, str]], list[str]]:
+    """(task, input file index, input file count, input file) for every task of the mixture, and
+    the input paths that match no file (skipped; with data.strict the run stops)."""
     from tpt_jax.data import readers, tasks
 
     registered = {t.name: t for t in tasks.register(cfg.data)[0]}
@@ -154,7 +223,7 @@ def work_items(cfg: Config) -> tuple[list[tuple[str, int, int]], list[str]]:
         files = source.list_shards("train")
         if not files:
             raise PreparedDataError(f"task {task_name}: its corpus paths match no file")
-        items.extend((task_name, i, len(files)) for i in range(len(files)))
+        items.extend((task_name, i, len(files), path) for i, path in enumerate(files))
     return items, missing
 
 
@@ -165,33 +234,38 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
 
     if not cfg.data.prepared_dir:
         raise PreparedDataError("data.prepared_dir is empty: set where prepared shards go")
-    checksum = vocab.checksum(vocab.read_model(cfg.data.vocab_path))
     items, missing = work_items(cfg)
     options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
-    _take_errors(cfg, items)  # stale reports of an earlier strict run
+    _take_errors(cfg, items)  # stale reports of an earlier run
     with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline
             | "work items" >> beam.Create(items)
             | "reshuffle" >> beam.Reshuffle()
-            | "prepare shard" >> beam.MapTuple(lambda task, i, n: prepare_shard(cfg, task, i, n))
+            | "prepare shard" >> beam.MapTuple(lambda *item: prepare_shard(cfg, *item))
         )
     errors = _take_errors(cfg, items)
-    if errors:  # strict mode: report the first bad record found
+    if errors and cfg.data.strict:  # report the first bad record found
         raise BadInputError(errors[0])
+    if errors:
+        raise BadInputError(
+            f"not prepared, as these input files could not be read to their end: {'; '.join(errors)}. "
+            "Fix or remove them and run `tpt prepare` again (the finished shards are kept)"
+        )
     # Every shard's stats file is the record of its completion, whichever runner ran it.
     stats = [
-        storage.read_json(os.path.join(cfg.data.prepared_dir, shard_name(*item) + ".json"))
+        storage.read_json(os.path.join(cfg.data.prepared_dir, shard_name(*item[:3]) + ".json"))
         for item in items
     ]
-    return write_manifest(cfg, stats, checksum, missing)
+    return write_manifest(cfg, stats, missing)
 
 
-def _take_errors(cfg: Config, items: list[tuple[str, int, int]]) -> list[str]:
-    """Reads and removes the strict-mode error reports of the work items, in item order."""
+def _take_errors(cfg: Config, items: list[tuple[str, int, int, str]]) -> list[str]:
+    """Reads and removes the error reports of the work items (a strict-mode bad record, or an
+    unreadable input file), in item order."""
     messages = []
     for item in items:
-        path = os.path.join(cfg.data.prepared_dir, shard_name(*item) + ".error")
+        path = os.path.join(cfg.data.prepared_dir, shard_name(*item[:3]) + ".error")
         if storage.exists(path):
             with fsspec.open(path, "r") as f:
                 messages.append(f.read())
@@ -201,8 +275,15 @@ def _take_errors(cfg: Config, items: list[tuple[str, int, int]]) -> list[str]:
 
 
 def write_manifest(
-    cfg: Config, shard_stats: list[dict], vocab_checksum: str, missing_inputs: Sequence[str] = ()
+    cfg: Config, shard_stats: list[dict], missing_inputs: Sequence[str] = ()
 ) -> dict:
+    """Writes the manifest of finished shards, stamped with the vocabulary they were built with."""
+    checksums = sorted({stats.get("vocab_checksum") or "none recorded" for stats in shard_stats})
+    if len(checksums) != 1:
+        raise PreparedDataError(
+            f"{cfg.data.prepared_dir}: its shards were tokenized with different vocabularies "
+            f"({', '.join(checksums)}); run `tpt prepare` again"
+        )
     per_task: dict[str, dict] = {}
     for stats in sorted(shard_stats, key=lambda s: s["file"]):
         entry = per_task.setdefault(
@@ -224,7 +305,7 @@ def write_manifest(
         entry["thinking_token_share"] = entry["thinking_tokens"] / max(entry["tokens"], 1)
     manifest = {
         "seq_len": cfg.train.seq_len,
-        "vocab_checksum": vocab_checksum,
+        "vocab_checksum": checksums[0],
         "config_hash": config_hash(cfg),
         "tasks": per_task,
         "missing_inputs": list(missing_inputs),

@@ -7,9 +7,10 @@ fsspec (gcsfs for gs://), so the same code reads a laptop folder and a bucket.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
-import io
+import hashlib
 import json
 import os
 import tempfile
@@ -87,8 +88,9 @@ def read_records(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
                 "unknown file type: expected .jsonl[.gz|.zst], .parquet or .array_record",
             )
     except (OSError, EOFError, ValueError, zstd_error()) as e:
-        # A file that cannot be opened or decompressed: what it yielded so far stands.
-        rejects.reject(path, None, f"unreadable file: {type(e).__name__}: {e}")
+        # A file that cannot be opened or decompressed to its end: the records it yielded are
+        # only part of it, which the caller must know (prepare does not mark such a file done).
+        rejects.unreadable(path, e)
 
 
 def zstd_error() -> type[Exception]:
@@ -102,10 +104,30 @@ def _lines(raw, path: str):
     if path.lower().endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if path.lower().endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        return contextlib.closing(_zstd_lines(raw))
     return raw
+
+
+def _zstd_lines(raw) -> Iterator[bytes]:
+    """Lines of a zstd file (one or more frames). zstandard's stream_reader ends quietly on a
+    truncated file, so the end of the last frame is checked here, as gzip does itself."""
+    import zstandard
+
+    frame = zstandard.ZstdDecompressor().decompressobj()
+    tail, started = b"", False
+    for chunk in iter(lambda: raw.read(1 << 20), b""):
+        started, data = True, []
+        while chunk:
+            if frame.eof:  # concatenated frames: the next one starts in the unused input
+                frame = zstandard.ZstdDecompressor().decompressobj()
+            data.append(frame.decompress(chunk))
+            chunk = frame.unused_data if frame.eof else b""
+        *lines, tail = (tail + b"".join(data)).split(b"\n")
+        yield from (line + b"\n" for line in lines)
+    if started and not frame.eof:
+        raise EOFError("compressed file ended before the end of its last zstd frame")
+    if tail:
+        yield tail
 
 
 def _jsonl(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
@@ -155,8 +177,9 @@ def _array_record(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
         handle, local = tempfile.mkstemp(suffix=".array_record")
         os.close(handle)
         fs.get_file(inner, local)
-    reader = array_record_module.ArrayRecordReader(local)
+    reader = None
     try:
+        reader = array_record_module.ArrayRecordReader(local)
         total = reader.num_records()
         for start in range(0, total, 1024):
             chunk = reader.read(list(range(start, min(start + 1024, total))))
@@ -164,10 +187,21 @@ def _array_record(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
                 record = _decode(raw, path, start + offset + 1, rejects)
                 if record is not None:
                     yield start + offset + 1, record
+        done, reader = reader, None
+        done.close()  # a file that ended early may only be reported here
+    except RuntimeError as e:  # how the C++ reader reports a truncated or corrupt file
+        raise OSError(f"corrupt or truncated ArrayRecord file: {e}") from None
     finally:
-        reader.close()
+        if reader is not None:  # stopped early: by an error, or the caller stopped reading
+            with contextlib.suppress(RuntimeError):
+                reader.close()
         if local != path:
             os.remove(local)
+
+
+def content_id(corpus_name: str, text: str) -> str:
+    """The id of a record that has none: the corpus name and a hash of the text."""
+    return f"{corpus_name}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:20]}"
 
 
 def to_document(
@@ -203,7 +237,10 @@ def to_document(
     raw_id = record.get(corpus.id_field)
     doc_id = str(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
     if doc_id is None:
-        doc_id = f"{corpus.name}:{os.path.basename(path)}:{line}"
+        # From the content, not the position: two files of one name in different folders, a
+        # document prepended to a file or files reordered leave every other id unchanged. Two
+        # records of the same text share an id and are treated as duplicates downstream.
+        doc_id = content_id(corpus.name, text)
     meta = {key: record[key] for key in corpus.meta_fields if key in record}
     return Document(doc_id, text, thinking, meta, path, line)
 

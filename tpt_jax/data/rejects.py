@@ -24,6 +24,9 @@ class RejectLog:
         self.path = path
         self.counts: collections.Counter[str] = collections.Counter()
         self.first_error: str | None = None  # set in strict mode, for callers behind tf.data
+        # Files that could not be read to their end: what they yielded is incomplete, so the
+        # caller must not record their output as done.
+        self.unreadable_files: list[str] = []
         self._file = None
 
     def reject(self, source: str, line: int | None, reason: str) -> None:
@@ -35,8 +38,15 @@ class RejectLog:
         if self.path is not None:
             if self._file is None:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-                self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+                # "w": one report per run of the work item, so a rerun rewrites it, never doubles it.
+                self._file = open(self.path, "w")  # noqa: SIM115 (closed in close())
             self._file.write(f"{where}\t{reason}\n")
+
+    def unreadable(self, source: str, error: Exception) -> None:
+        """A file that could not be opened or decompressed to its end."""
+        reason = f"{type(error).__name__}: {error}"
+        self.unreadable_files.append(f"{source} ({reason})")
+        self.reject(source, None, f"unreadable file: {reason}")
 
     @property
     def total(self) -> int:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import fsspec
@@ -66,18 +67,27 @@ def seqio_vocabulary(path: str):
                 "tokenizer_config.json); copy the base model's tokenizer files to every worker"
             )
         return TokenizerJsonVocabulary(path)
-    return seqio.SentencePieceVocabulary(local_copy(path))
+    return seqio.SentencePieceVocabulary(pinned_copy(path)[0])
 
 
-def local_copy(path: str) -> str:
-    """A local file with the model's bytes (TF ops need a local path; gs:// models are cached)."""
-    if "://" not in path:
-        if not os.path.exists(path):
-            raise VocabError(f"SentencePiece model not found: {path}")
-        return path
-    from tpt_jax import storage
+def pinned_copy(path: str) -> tuple[str, str]:
+    """(a local file with the model's current bytes, their checksum).
 
-    return storage.local_copy(path)
+    The file is named by the checksum: seqio caches a loaded model by its path for the life of
+    the process, and TF ops need a local path, so a model rewritten in place (`tpt vocab train`
+    to the same path) or on gs:// is never tokenized with under a stale copy.
+    """
+    model = read_model(path)
+    digest = checksum(model)
+    local = os.path.expanduser(f"~/.cache/tpt_jax/vocab/{digest[7:39]}.model")
+    if not os.path.exists(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        # A part file of its own: several workers (processes or threads) may pin it at once.
+        handle, part = tempfile.mkstemp(dir=os.path.dirname(local), suffix=".part")
+        with os.fdopen(handle, "wb") as f:
+            f.write(model)
+        os.replace(part, local)
+    return local, digest
 
 
 def train(

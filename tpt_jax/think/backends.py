@@ -1,21 +1,21 @@
 """Remote generation backends for `tpt think`: a JetStream gRPC server (ours or MaxText's) or any
 OpenAI-compatible completions server (vLLM, SGLang, `transformers serve`).
 
-Requests run concurrently up to a limit, each with a deadline, and are retried with exponential
-backoff; one that still fails raises BackendError, and the driver leaves its document pending.
-A request the server refuses as malformed (HTTP 4xx other than 408/429) is a configuration error
-and stops the run at once: every remaining document would fail the same way.
+Requests run concurrently up to a limit, each with a deadline, and are retried with jittered
+exponential backoff (or after the server's Retry-After); one that still fails raises BackendError,
+and the driver leaves its document pending. A request the server refuses as malformed (HTTP 4xx
+other than 408/429) or redirects is a configuration error and stops the run at once: every
+remaining document would fail the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import email.utils
 import os
+import random
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from tpt_jax.errors import TptError
 
@@ -34,8 +34,14 @@ class Completion:
     num_tokens: int | None = None
 
 
-def _backoff(attempt: int, retries: int, where: str, failure: str) -> None:
-    delay = min(30.0, 0.5 * 2**attempt)
+def _backoff(
+    attempt: int, retries: int, where: str, failure: str, retry_after: float | None = None
+) -> None:
+    # Jitter spreads out the retries of many workers that failed together (a server restart).
+    ceiling = min(30.0, 0.5 * 2**attempt)
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    if retry_after is not None:  # the server said when: wait that long, never less
+        delay = min(retry_after, 600.0) + random.uniform(0, 1)
     print(f"tpt think: {where}: {failure}; retry {attempt + 1}/{retries} in {delay:.1f}s",
           file=sys.stderr, flush=True)  # fmt: skip
     time.sleep(delay)
@@ -75,6 +81,10 @@ class JetStreamBackend:
                 return Completion(tokens=tokens)
             except self._grpc.RpcError as e:
                 where = f"jetstream {self.address}"
+                if e.code() == self._grpc.StatusCode.INVALID_ARGUMENT:
+                    # This request (say, a prompt over the server's prefill limit) will never
+                    # pass: no retry; the document stays pending with the server's reason.
+                    raise BackendError(f"{where}: refused: {e.details()}") from None
                 if attempt == self.retries:
                     raise BackendError(
                         f"{where}: {e.code().name} after {attempt + 1} attempts"
@@ -87,6 +97,21 @@ class JetStreamBackend:
 
 
 _RETRYABLE_HTTP = {408, 429}
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), if any."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class OpenAIBackend:
@@ -106,7 +131,10 @@ class OpenAIBackend:
         sampling: dict,
         stop: list[str],
         api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 16,
     ):
+        import httpx
+
         base = address if "://" in address else f"http://{address}"
         base = base.rstrip("/")
         self.url = base + ("/completions" if base.endswith("/v1") else "/v1/completions")
@@ -115,9 +143,19 @@ class OpenAIBackend:
         self.retries = retries
         self.sampling = sampling
         self.stop = stop
-        self.headers = {"Content-Type": "application/json"}
+        headers = {}
         if os.environ.get(api_key_env):
-            self.headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
+            headers["Authorization"] = f"Bearer {os.environ[api_key_env]}"
+        # One pooled client shared by the request threads (httpx clients are thread-safe).
+        # Redirects are not followed: a redirect would resend the key to another host or turn
+        # the POST into a GET.
+        self._httpx = httpx
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=timeout_s,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
 
     def body(self, prompt: str, max_new_tokens: int, seed: int) -> dict:
         body = {
@@ -135,37 +173,50 @@ class OpenAIBackend:
         return body
 
     def complete(self, prompt: str, max_new_tokens: int, seed: int) -> Completion:
-        data = json.dumps(self.body(prompt, max_new_tokens, seed)).encode()
+        body = self.body(prompt, max_new_tokens, seed)
+        where = f"openai {self.url}"
         for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url, data=data, headers=self.headers)
+            retry_after = None
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    reply = json.loads(response.read())
-                choice = reply["choices"][0]
-                return Completion(
-                    text=choice["text"],
-                    finish_reason=choice.get("finish_reason"),
-                    num_tokens=(reply.get("usage") or {}).get("completion_tokens"),
-                )
-            except urllib.error.HTTPError as e:
-                if e.code < 500 and e.code not in _RETRYABLE_HTTP:
-                    detail = e.read()[:300].decode(errors="replace")
+                response = self._client.post(self.url, json=body)
+            except self._httpx.RequestError as e:  # refused, reset, timed out, cut mid-reply
+                failure = f"{type(e).__name__}: {e}"
+            else:
+                if response.is_redirect:
                     raise TptError(
-                        f"openai {self.url}: HTTP {e.code} {e.reason}: {detail} "
-                        "(check think.model_name and the sampling settings)"
-                    ) from None
-                failure = f"HTTP {e.code}"
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                failure = str(getattr(e, "reason", e))
-            except (ValueError, KeyError, IndexError, TypeError) as e:  # not a completion reply
-                failure = f"malformed reply ({e!r})"
+                        f"{where}: the server redirects (HTTP {response.status_code}) to "
+                        f"{response.headers.get('location')}; set think.address to the final "
+                        "URL (redirects are not followed)"
+                    )
+                code = response.status_code
+                if 400 <= code < 500 and code not in _RETRYABLE_HTTP:
+                    raise TptError(
+                        f"{where}: HTTP {code} {response.reason_phrase}: "
+                        f"{response.text[:300]} (check think.model_name and the sampling settings)"
+                    )
+                if code >= 400:
+                    failure = f"HTTP {code}"
+                    retry_after = _retry_after(response.headers.get("retry-after"))
+                else:
+                    try:
+                        reply = response.json()
+                        choice = reply["choices"][0]
+                        if not isinstance(choice["text"], str):
+                            raise TypeError(f"text is {type(choice['text']).__name__}")
+                        return Completion(
+                            text=choice["text"],
+                            finish_reason=choice.get("finish_reason"),
+                            num_tokens=(reply.get("usage") or {}).get("completion_tokens"),
+                        )
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                        failure = f"malformed reply ({e!r})"
             if attempt == self.retries:
-                raise BackendError(f"openai {self.url}: {failure} after {attempt + 1} attempts")
-            _backoff(attempt, self.retries, f"openai {self.url}", failure)
+                raise BackendError(f"{where}: {failure} after {attempt + 1} attempts")
+            _backoff(attempt, self.retries, where, failure, retry_after)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        pass
+        self._client.close()
 
 
 class TeacherBackend:
@@ -198,6 +249,13 @@ def make_backend(t):
         model = t.model_name or os.path.basename(os.path.normpath(t.model_dir))
         sampling = {"temperature": t.temperature, "top_p": t.top_p, "top_k": t.top_k}
         return OpenAIBackend(
-            t.address, model, t.timeout_s, t.retries, sampling, t.stop, t.api_key_env
+            t.address,
+            model,
+            t.timeout_s,
+            t.retries,
+            sampling,
+            t.stop,
+            t.api_key_env,
+            concurrency=t.concurrency,
         )
     raise ValueError(f"not a remote backend: {t.backend}")

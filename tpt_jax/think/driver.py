@@ -1,11 +1,14 @@
 """`tpt think CONFIG`: crash-safe offline thinking generation over a corpus (local engine).
 
-Documents are split over shards by position (document k goes to shard k % n). Each shard writes
-`<output_dir>/shard-<i>-of-<n>/chunk-<c>.jsonl`, each chunk committed atomically (written under a
-temporary name, then renamed) once `chunk_size` documents are finished. A restart reads the
-committed chunks and skips their ids, so after any crash the output holds every document of the
-shard exactly once; with greedy decoding, with the same text as an uninterrupted run (each
-document's sampling seed derives from its id, not from the order of work).
+A document belongs to shard `hash(id) % n`, so adding, removing or reordering documents or files
+only adds or removes that work. Each shard writes `<output_dir>/shard-<i>-of-<n>/chunk-<c>.jsonl`,
+each chunk committed atomically (written under a temporary name, then renamed) once `chunk_size`
+documents are finished. A restart reads the committed ids and skips them, so after any crash the
+output holds every document of the shard exactly once; with greedy decoding, with the same text
+as an uninterrupted run (each document's sampling seed derives from its id, not from the order of
+work). One process owns a shard folder at a time (tpt_jax.lock), and the folder records the
+settings that determine its output (`settings.json`): a rerun with other settings is refused
+rather than mixed in.
 
 Decoding uses continuous batching: a finished slot is refilled at once.
 """
@@ -13,6 +16,7 @@ Decoding uses continuous batching: a finished slot is refilled at once.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -26,6 +30,8 @@ from tpt_jax import storage
 from tpt_jax.config import Config
 from tpt_jax.data.readers import Document, read_corpus
 from tpt_jax.data.rejects import RejectLog
+from tpt_jax.errors import TptError
+from tpt_jax.lock import FolderBusyError, FolderLock
 from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.think.backends import Completion
 from tpt_jax.think.generate import SamplingParams
@@ -33,6 +39,7 @@ from tpt_jax.think.prompts import load_template, render
 from tpt_jax.think.tokenizer import GeneratorTokenizer, cut_at_stop
 
 THINK_OPEN = "<think>"
+STOPPING = "tpt think: SIGTERM: committing the finished documents and stopping; rerun resumes"
 
 
 def document_seed(seed: int, doc_id: str) -> int:
@@ -43,21 +50,121 @@ def shard_folder(output_dir: str, index: int, count: int) -> str:
     return os.path.join(output_dir, f"shard-{index:05d}-of-{count:05d}")
 
 
+def shard_of(doc_id: str, count: int) -> int:
+    """The shard a document belongs to: a hash of its id, independent of its position."""
+    digest = hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return int(digest[:16], 16) % count
+
+
 def _chunks(folder: str) -> list[str]:
     return storage.glob(os.path.join(folder, "chunk-*.jsonl"))
 
 
-def committed_records(folder: str) -> list[dict]:
-    """Every committed record of a shard folder (local or gs://), in commit order."""
-    records = []
+def _committed_lines(folder: str) -> Iterator[str]:
     for path in _chunks(folder):
-        records.extend(json.loads(line) for line in storage.read_text(path).splitlines())
-    return records
+        yield from storage.read_text(path).splitlines()
 
 
-def _commit(folder: str, index: int, records: list[dict]) -> None:
+def iter_committed(folder: str) -> Iterator[dict]:
+    """Every committed record of a shard folder (local or gs://), in commit order."""
+    return (json.loads(line) for line in _committed_lines(folder))
+
+
+def committed_records(folder: str) -> list[dict]:
+    return list(iter_committed(folder))
+
+
+_ID_PREFIX = '{"id": '
+_DECODER = json.JSONDecoder()
+
+
+def _record_id(line: str) -> str:
+    # Records are written with their id first: read it without parsing the text and thinking.
+    if line.startswith(_ID_PREFIX):
+        return _DECODER.raw_decode(line, len(_ID_PREFIX))[0]
+    return json.loads(line)["id"]
+
+
+def committed_ids(folders: list[str], keep=None) -> set[str]:
+    """The ids committed in these shard folders (for which `keep(id)` holds, if given)."""
+    ids: set[str] = set()
+    for folder in folders:
+        for line in _committed_lines(folder):
+            doc_id = _record_id(line)
+            if keep is None or keep(doc_id):
+                ids.add(doc_id)
+    return ids
+
+
+def _next_chunk(folder: str) -> int:
+    names = (os.path.basename(p) for p in _chunks(folder))
+    return 1 + max((int(n[len("chunk-") : -len(".jsonl")]) for n in names), default=-1)
+
+
+def _commit(folder: str, index: int, records: list[dict], lock: FolderLock) -> None:
+    if lock.lost:  # a remote lease taken over while we were unresponsive: stop, write nothing
+        raise FolderBusyError(f"{folder}: another process took this shard over; stopping")
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     storage.write_bytes(os.path.join(folder, f"chunk-{index:06d}.jsonl"), lines.encode())
+
+
+def output_settings(cfg: Config, template) -> dict:
+    """What determines a shard's output: a rerun with other values would mix two generations."""
+    t = cfg.think
+    return {
+        "think.backend": t.backend,
+        "think.model_dir": _generator_name(t),  # the generator's name: the folder may move
+        "think.model_name": t.model_name if t.backend == "openai" else "",
+        "think.template": f"sha256:{template.sha256}",  # the content; its name may change
+        "think.chat_template": t.chat_template,
+        "think.max_document_tokens": t.max_document_tokens,
+        "think.max_new_tokens": t.max_new_tokens,
+        "think.temperature": t.temperature,
+        "think.top_p": t.top_p,
+        "think.top_k": t.top_k,
+        "think.seed": t.seed,
+        "think.stop": list(t.stop),
+        "think.on_length": t.on_length,
+    }
+
+
+def _generator_name(t) -> str:
+    return os.path.basename(os.path.normpath(t.model_dir)) if t.model_dir else t.backend
+
+
+def check_settings(folder: str, settings: dict, allow_change: bool) -> None:
+    """Records `settings` in the folder; refuses (or, allowed, logs) a change against the record."""
+    path = os.path.join(folder, "settings.json")
+    if storage.exists(path):
+        before = storage.read_json(path)
+        changed = sorted(
+            k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k)
+        )
+        if not changed:
+            return
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        if not allow_change:
+            raise TptError(
+                f"{folder} was generated with other settings ({diff}); use a new "
+                "think.output_dir, or think.allow_settings_change=true to add to it anyway"
+            )
+        log = os.path.join(folder, "settings_changes.jsonl")
+        entry = json.dumps({"time": time.time(), "before": before, "after": settings}) + "\n"
+        old = storage.read_text(log) if storage.exists(log) else ""
+        storage.write_bytes(log, (old + entry).encode())
+        tqdm.write(f"tpt think: settings changed in {folder} ({diff}); recorded in {log}")
+    storage.write_bytes(path, json.dumps(settings, indent=1).encode())
+
+
+def _check_inputs(patterns: list[str]) -> None:
+    """Every corpus pattern must match a file: a typo would otherwise pass as 'nothing to do'."""
+    from tpt_jax.data.readers import expand
+
+    for pattern in patterns:
+        probe = RejectLog()
+        if not expand([pattern], probe):
+            where = "" if "://" in pattern or os.path.isabs(pattern) else f" (from {os.getcwd()})"
+            raise TptError(f"think.corpus.paths: {pattern!r} matches no file{where}")
 
 
 @dataclasses.dataclass
@@ -84,7 +191,7 @@ def _finish(
         thinking = thinking.rsplit("\n", 1)[0].strip() if "\n" in thinking else thinking
     meta = {
         **slot.doc.meta,
-        "generator": os.path.basename(os.path.normpath(t.model_dir)) if t.model_dir else t.backend,
+        "generator": _generator_name(t),
         "generator_dir": generator,
         "template": template.name,
         "template_sha256": template.sha256,
@@ -103,20 +210,47 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
     """Generates thinking for this shard's documents that are not committed yet; returns a summary."""
     t = cfg.think
     index, count = shard
+    _check_inputs(list(t.corpus.paths))
     folder = shard_folder(t.output_dir, index, count)
     storage.makedirs(folder)
-    done = {r["id"] for r in committed_records(folder)}
-    chunk_index = len(_chunks(folder))
+    with FolderLock(folder) as lock:
+        return _run_shard(cfg, index, count, folder, lock)
+
+
+def _run_shard(cfg: Config, index: int, count: int, folder: str, lock: FolderLock) -> dict:
+    t = cfg.think
+    if not storage.is_remote(folder):  # a write cut by a crash; the lock says nobody writes now
+        for stale in glob.glob(os.path.join(folder, "*.tmp")):
+            os.remove(stale)
+    template = load_template(t.template)
+    check_settings(folder, output_settings(cfg, template), t.allow_settings_change)
+    done = committed_ids([folder])
+    # Shards of another count (the run was resharded): their documents of this shard are done.
+    others = [
+        os.path.dirname(p)
+        for p in storage.glob(os.path.join(t.output_dir, "shard-*-of-*", "settings.json"))
+        if not os.path.dirname(p).endswith(f"-of-{count:05d}")
+    ]
+    if others:
+        done |= committed_ids(others, keep=lambda doc_id: shard_of(doc_id, count) == index)
     # Bad documents are listed beside the output locally; on gs:// (no appends) they are counted.
     reject_file = None if storage.is_remote(folder) else os.path.join(folder, "rejects.tsv")
     rejects = RejectLog(strict=cfg.data.strict, path=reject_file)
     teacher = t.backend == "teacher"  # reads the document itself: no model, prompt or tokenizer
     tokenizer = None if teacher else GeneratorTokenizer(t.model_dir)
-    template = load_template(t.template)
+    seen: dict[str, str] = {}  # id -> where it was first read, for this shard's documents
 
     def pending() -> Iterator[Document]:
-        for k, doc in enumerate(read_corpus(t.corpus, rejects)):
-            if k % count == index and doc.id not in done:
+        for doc in read_corpus(t.corpus, rejects):
+            if shard_of(doc.id, count) != index:
+                continue
+            if doc.id in seen:
+                rejects.reject(
+                    doc.source, doc.line, f"duplicate id: {doc.id!r} first read at {seen[doc.id]}"
+                )
+                continue
+            seen[doc.id] = f"{doc.source}:{doc.line}"
+            if doc.id not in done:
                 yield doc
 
     def prompt_of(doc: Document) -> tuple[str, bool]:
@@ -127,39 +261,54 @@ def run_think(cfg: Config, shard: tuple[int, int] = (0, 1)) -> dict:
 
     produce = _local_slots if t.backend == "local" else _remote_slots
     preemption = PreemptionWatch(collective=False)  # shards stop independently
-    stopped = False
+
+    def stop_requested() -> bool:
+        return preemption.stop_requested(0)
+
+    chunk_index = _next_chunk(folder)
     finished: list[dict] = []
-    failed = 0
+
+    def commit() -> None:
+        nonlocal chunk_index, finished
+        batch, finished = finished[: t.chunk_size], finished[t.chunk_size :]
+        _commit(folder, chunk_index, batch, lock)
+        chunk_index += 1
+        done.update(record["id"] for record in batch)
+
+    announced = False
     bar = tqdm(desc=f"think shard {index}/{count}", unit="doc", initial=len(done))
     generated_tokens, started = 0, time.perf_counter()
-    for slot in produce(cfg, pending(), prompt_of, tokenizer):
-        if slot.failed:
-            failed += 1
-            continue
-        text, reason, num_tokens = _outcome(tokenizer, slot, t.stop, t.max_new_tokens)
-        generated_tokens += num_tokens
-        finished.append(_finish(slot, text, reason, num_tokens, cfg, template, t.model_dir))
-        bar.update(1)
-        rate = generated_tokens / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
-        if len(finished) >= t.chunk_size:
-            _commit(folder, chunk_index, finished[: t.chunk_size])
-            chunk_index, finished = chunk_index + 1, finished[t.chunk_size :]
-        stopped = preemption.stop_requested(bar.n)
-        if stopped:
-            tqdm.write(
-                "tpt think: SIGTERM: committing the finished documents and stopping; rerun resumes"
-            )
-            break
-    if finished:
-        _commit(folder, chunk_index, finished)
+    for slot in produce(cfg, pending(), prompt_of, tokenizer, stop_requested):
+        if not slot.failed:  # a failed remote request stays pending for the next run
+            text, reason, num_tokens = _outcome(tokenizer, slot, t.stop, t.max_new_tokens)
+            generated_tokens += num_tokens
+            finished.append(_finish(slot, text, reason, num_tokens, cfg, template, t.model_dir))
+            bar.update(1)
+            rate = generated_tokens / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
+        if len(finished) >= t.chunk_size or (stop_requested() and finished):
+            # On SIGTERM what is finished is committed at once: the grace period may end any time.
+            commit()
+        if stop_requested() and not announced:
+            announced = True
+            tqdm.write(STOPPING)
+    while finished:
+        commit()
+    stopped = stop_requested()
+    if stopped and not announced:  # the local engine returns at once, yielding nothing more
+        tqdm.write(STOPPING)
     preemption.close()
     bar.close()
     rejects.close()
+    if not stopped and not seen:
+        raise TptError(
+            f"shard {index}/{count} of think.corpus.paths {list(t.corpus.paths)} holds no "
+            f"usable document ({rejects.summary()})"
+        )
     from tpt_jax.think.summary import summarize_shard
 
     summary = summarize_shard(folder, t.group_by, rejects.summary())
-    summary["left_pending"] = failed
+    summary["left_pending"] = sum(doc_id not in done for doc_id in seen)
     summary["stopped_early"] = stopped
     return summary
 
@@ -180,8 +329,11 @@ def _outcome(
     return text, "stop" if ended or len(slot.tokens) < cap else "length", len(slot.tokens)
 
 
-def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:
-    """Continuous batching over the in-process engine: a finished slot is refilled at once."""
+def _local_slots(
+    cfg: Config, docs: Iterator[Document], prompt_of, tokenizer, stop_requested
+) -> Iterator[_Slot]:
+    """Continuous batching over the in-process engine: a finished slot is refilled at once. On
+    SIGTERM the slots in progress are abandoned (pending): a decode step is not interruptible."""
     from tpt_jax.parallel import rules_from_config
     from tpt_jax.think.generate import load_generator
     from tpt_jax.think.slots import SlotEngine, local_mesh, pad_prompt
@@ -203,7 +355,7 @@ def _local_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) ->
     state = engine.init_decode_state()
     slots: dict[int, _Slot] = {}
     exhausted = False
-    while True:
+    while not stop_requested():
         for slot_index in range(engine.max_concurrent_decodes):
             if slot_index in slots or exhausted:
                 continue
@@ -241,36 +393,66 @@ def _stopped(tokenizer: GeneratorTokenizer, tokens: list[int], stops: list[str],
     return any(s in tail for s in stops)
 
 
-def _remote_slots(cfg: Config, docs: Iterator[Document], prompt_of, tokenizer) -> Iterator[_Slot]:
-    """Concurrent requests to a remote server; a request that finally fails is yielded as failed."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+def _remote_slots(
+    cfg: Config, docs: Iterator[Document], prompt_of, tokenizer, stop_requested
+) -> Iterator[_Slot]:
+    """Concurrent requests to a remote server; a request that finally fails is yielded as failed.
+
+    Requests run on daemon threads, so a request stuck in its timeout and retries never holds
+    the process: on SIGTERM no new request starts, those that finish within
+    `think.preemption_grace_s` are yielded, and the rest are abandoned (left pending).
+    """
+    import queue
+    import threading
 
     from tpt_jax.think.backends import BackendError, make_backend
 
     t = cfg.think
     backend = make_backend(t)
+    results: queue.Queue = queue.Queue()
 
-    def run(doc: Document) -> _Slot:
+    def run(doc: Document) -> None:
         prompt, truncated = prompt_of(doc)
         slot = _Slot(doc, len(tokenizer.encode(prompt)) if tokenizer else 0, truncated)
         try:
             reply = backend.complete(prompt, t.max_new_tokens, document_seed(t.seed, doc.id))
+            slot.completion, slot.tokens = reply, reply.tokens or []
         except BackendError as e:
             tqdm.write(f"tpt think: {doc.id} left pending: {e}")
             slot.failed = True
-            return slot
-        slot.completion, slot.tokens = reply, reply.tokens or []
-        return slot
+        except TptError as e:  # a configuration error: every request would fail the same way
+            results.put(e)
+            return
+        except Exception as e:  # never lose the run to one request: the document stays pending
+            tqdm.write(f"tpt think: {doc.id} left pending: {type(e).__name__}: {e}")
+            slot.failed = True
+        results.put(slot)
 
-    with ThreadPoolExecutor(max_workers=t.concurrency) as pool:
-        in_flight = set()
-        for doc in docs:
-            in_flight.add(pool.submit(run, doc))
-            if len(in_flight) >= t.concurrency:
-                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                yield from (f.result() for f in finished)
-        for future in in_flight:
-            yield future.result()
+    in_flight, exhausted, deadline = 0, False, None
+    while True:
+        while not exhausted and in_flight < t.concurrency and not stop_requested():
+            doc = next(docs, None)
+            if doc is None:
+                exhausted = True
+                break
+            threading.Thread(target=run, args=(doc,), daemon=True).start()
+            in_flight += 1
+        if not in_flight:
+            break
+        if stop_requested() and deadline is None:
+            deadline = time.monotonic() + t.preemption_grace_s
+        wait = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+        if wait <= 0:
+            tqdm.write(f"tpt think: {in_flight} requests still in flight abandoned (pending)")
+            return  # daemon threads: they end with the process
+        try:
+            item = results.get(timeout=wait)
+        except queue.Empty:
+            continue
+        in_flight -= 1
+        if isinstance(item, Exception):
+            raise item
+        yield item
     backend.close()
 
 

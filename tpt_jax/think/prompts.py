@@ -55,8 +55,15 @@ def load_template(name_or_path: str) -> Template:
         raise TemplateError(
             f"template {name_or_path!r} is neither a built-in ({', '.join(names)}) nor a readable file"
         ) from None
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"template {path} is not UTF-8 text (byte {e.start})") from None
     template = Template(os.path.splitext(os.path.basename(path))[0], text)
-    unknown = template.fields - set(FIELDS)
+    try:
+        unknown = template.fields - set(FIELDS)
+    except ValueError as e:  # str.format syntax: an unmatched brace
+        raise TemplateError(
+            f"template {path}: {e}; fields are written {{document}}, a literal brace {{{{ or }}}}"
+        ) from None
     if unknown:
         raise TemplateError(
             f"{path}: unknown template fields {sorted(unknown)}; known: {', '.join(FIELDS)}"

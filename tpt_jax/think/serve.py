@@ -3,19 +3,41 @@
 Any JetStream client (ours in the `jetstream` backend, MaxText's benchmarking scripts, the
 package's own `jetstream_pb2_grpc.OrchestratorStub`) can then request text or token completions.
 Requests use the server's default sampling (`think.temperature`, `think.top_p`, `think.top_k`).
+
+It listens on `--host` (default 127.0.0.1: this machine only; 0.0.0.0 or :: serves others).
+
+Too-long and invalid requests: every request is checked before it is queued. A prompt longer
+than the prefill limit, an empty prompt, a token id outside the vocabulary, max_tokens <= 0, a
+prompt plus max_tokens beyond the KV cache, or a request without content is answered with gRPC
+status INVALID_ARGUMENT and a one-line reason, and the server goes on serving. Prompts are never
+truncated: a cut prompt would silently answer a different question. (Unchecked, JetStream's
+prefill thread raises on such a prompt and its thread guard kills the whole process.)
+
+The prefill limit defaults to the smallest power of two that holds a prompt as `tpt think` builds
+it: think.max_document_tokens of document plus the prompt template and chat template around it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from concurrent import futures
+
+import grpc
 import numpy as np
 
 from tpt_jax.config import Config
+from tpt_jax.errors import ConfigError, TptError
 from tpt_jax.think.engine import TptEngine, pad_prompt
 from tpt_jax.think.generate import SamplingParams
 from tpt_jax.think.tokenizer import GeneratorTokenizer
 
-from jetstream.core import config_lib, server_lib  # isort: skip  (after engine: jax.tree_map)
+from jetstream.core import orchestrator  # isort: skip  (after engine: jax.tree_map)
+from jetstream.core.proto import jetstream_pb2_grpc  # isort: skip
 from jetstream.engine import tokenizer_api  # isort: skip
+
+# JetStream pads token requests to these buckets and fails on a prefill limit outside them.
+JETSTREAM_PREFILL_BUCKETS = tuple(1 << k for k in range(4, 16))  # 16 ... 32768 tokens
 
 
 class JetStreamTokenizer(tokenizer_api.Tokenizer):
@@ -56,22 +78,161 @@ class ServingEngine(TptEngine):
         return JetStreamTokenizer(self._generator_tokenizer)
 
 
-def start_server(
-    cfg: Config, port: int, max_prefill_length: int = 1024
-) -> server_lib.JetStreamServer:
-    """Loads think.model_dir and serves it on localhost:port (the engine sharded over this host's devices)."""
-    import jax
+def request_problem(
+    request, tokenizer: GeneratorTokenizer, engine: TptEngine, bos: bool = True
+) -> str | None:
+    """Why a DecodeRequest cannot be served (one line), or None if it can.
 
+    `bos`: JetStream prepends the BOS id to token content that starts a conversation.
+    """
+    which = request.WhichOneof("content")
+    if which == "text_content":
+        tokens = tokenizer.encode(request.text_content.text)
+    elif which == "token_content":
+        tokens = list(request.token_content.token_ids)
+        vocab = engine.cfg.vocab_size
+        outside = [t for t in tokens if not 0 <= t < vocab]
+        if outside:
+            return f"token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})"
+    else:
+        return "the request has no prompt: set text_content or token_content"
+    if not tokens:
+        return "empty prompt: it has no tokens"
+    length = len(tokens) + (which == "token_content" and bos)
+    if length > engine.max_prefill_length:
+        return (
+            f"prompt of {length} tokens exceeds the server's max prefill length of "
+            f"{engine.max_prefill_length} tokens (tpt serve --max-prefill-length); shorten it"
+        )
+    if request.max_tokens <= 0:
+        return f"max_tokens must be positive, got {request.max_tokens}"
+    # The KV cache holds the prompt and every generated token; past it, decoding would
+    # overwrite the cache's last position and produce garbage instead of an error.
+    if length + request.max_tokens + 1 > engine.max_target_length:
+        room = engine.max_target_length - length - 1
+        return (
+            f"max_tokens {request.max_tokens} does not fit the KV cache after a prompt of "
+            f"{length} tokens: at most {room} (set by think.max_new_tokens)"
+        )
+    return None
+
+
+class CheckedOrchestrator(orchestrator.LLMOrchestrator):
+    """JetStream's servicer, refusing requests the engine cannot serve (see the module doc)."""
+
+    def __init__(self, driver, tokenizer: GeneratorTokenizer, engine: TptEngine):
+        super().__init__(driver=driver)
+        self._tokenizer = tokenizer
+        self._engine = engine
+
+    async def Decode(self, request, context=None):  # the gRPC method, named by JetStream
+        problem = request_problem(
+            request, self._tokenizer, self._engine, bos=not request.session_cache
+        )
+        if problem is not None:
+            if context is None:  # JetStream's in-process (test) mode has no gRPC context
+                raise ValueError(problem)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        async for response in super().Decode(request, context):
+            yield response
+
+
+class GrpcServer:
+    """JetStream's gRPC server (`server_lib.JetStreamServer`) on a chosen host and servicer:
+    JetStream's own listens on every interface and serves requests unchecked."""
+
+    def __init__(self, driver, servicer, address: str, threads: int):
+        self._driver = driver
+        executor = futures.ThreadPoolExecutor(max_workers=threads)
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_default_executor(executor)
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def start():  # grpc.aio objects must be made inside their event loop
+            server = grpc.aio.server(executor)
+            jetstream_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
+            server.add_insecure_port(address)
+            await server.start()
+            return server
+
+        try:
+            self._server = self._run(start())
+        except RuntimeError as e:  # grpc's "Failed to bind to address ..."
+            self._server = None
+            self.stop()
+            raise TptError(
+                f"tpt serve: cannot listen on {address} ({e}); check --host and --port"
+            ) from None
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def wait_for_termination(self) -> None:
+        try:
+            self._run(self._server.wait_for_termination())
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._driver.stop()
+        if self._server is not None:
+            self._run(self._server.stop(grace=10))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+
+def default_prefill_length(cfg: Config, tokenizer: GeneratorTokenizer) -> int:
+    """The smallest power of two holding a `tpt think` prompt of a full-length document, with
+    the same slack as the offline driver (a token may merge across the document's edges)."""
+    from tpt_jax.think.prompts import load_template, render
+
+    prompt = render(load_template(cfg.think.template), "")
+    if cfg.think.chat_template:
+        prompt = tokenizer.chat(prompt)
+    overhead = len(tokenizer.encode(prompt))
+    length = 1 << (overhead + cfg.think.max_document_tokens + 16).bit_length()
+    if length > JETSTREAM_PREFILL_BUCKETS[-1]:
+        raise ConfigError(
+            f"config key 'think.max_document_tokens': {cfg.think.max_document_tokens} tokens plus "
+            f"the template's {overhead} exceed JetStream's longest prefill "
+            f"({JETSTREAM_PREFILL_BUCKETS[-1]} tokens); lower it or pass --max-prefill-length"
+        )
+    return length
+
+
+def check_prefill_length(length: int) -> int:
+    if length not in JETSTREAM_PREFILL_BUCKETS:
+        raise TptError(
+            f"--max-prefill-length {length}: must be one of JetStream's prefill buckets, a power "
+            f"of two from {JETSTREAM_PREFILL_BUCKETS[0]} to {JETSTREAM_PREFILL_BUCKETS[-1]}"
+        )
+    return length
+
+
+def grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def start_server(
+    cfg: Config, port: int, max_prefill_length: int | None = None, host: str = "127.0.0.1"
+) -> tuple[GrpcServer, int]:
+    """Loads think.model_dir and serves it on host:port (the engine sharded over this host's
+    devices). Returns the server and its prefill limit (None: `default_prefill_length`)."""
     from tpt_jax.parallel import rules_from_config
     from tpt_jax.think.generate import load_generator
     from tpt_jax.think.slots import local_mesh
 
     t = cfg.think
+    tokenizer = GeneratorTokenizer(t.model_dir)
+    if max_prefill_length is None:
+        max_prefill_length = default_prefill_length(cfg, tokenizer)
+    check_prefill_length(max_prefill_length)
     model_cfg, params = load_generator(t.model_dir, t.dtype)
     engine = ServingEngine(
         model_cfg,
         params,
-        tokenizer=GeneratorTokenizer(t.model_dir),
+        tokenizer=tokenizer,
         max_concurrent_decodes=t.max_concurrent_decodes,
         max_prefill_length=max_prefill_length,
         max_target_length=max_prefill_length + t.max_new_tokens + 1,
@@ -79,9 +240,16 @@ def start_server(
         mesh=local_mesh(cfg),
         rules=rules_from_config(cfg.mesh.rules),
     )
-    devices = jax.local_devices()
-    server_config = config_lib.ServerConfig(
-        interleaved_slices=(f"{devices[0].platform}={len(devices)}",),
-        interleaved_engine_create_fns=(lambda _: engine,),
+    params = engine.load_params()
+    # One engine both prefills and generates (JetStream's interleaved mode).
+    driver = orchestrator.Driver(
+        prefill_engines=[engine],
+        generate_engines=[engine],
+        prefill_params=[params],
+        generate_params=[params],
+        interleaved_mode=True,
+        jax_padding=False,
     )
-    return server_lib.run(port=port, config=server_config, devices=devices, jax_padding=False)
+    threads = max(driver.get_total_concurrent_requests(), 64)  # as JetStream's server_lib
+    servicer = CheckedOrchestrator(driver, tokenizer, engine)
+    return GrpcServer(driver, servicer, grpc_address(host, port), threads), max_prefill_length

@@ -28,20 +28,27 @@ def _stats(lengths: list[int]) -> dict:
 
 
 def summarize_shard(folder: str, group_by: str, rejects: str) -> dict:
-    from tpt_jax.think.driver import committed_records
+    from tpt_jax.think.driver import iter_committed
 
-    records = committed_records(folder)
-    lengths = [r["meta"]["thinking_tokens"] for r in records]
+    # One pass over the records, keeping only their lengths: a shard's texts need not fit in memory.
+    lengths: list[int] = []
+    prompt_tokens, without_thinking = 0, 0
+    reasons: collections.Counter[str] = collections.Counter()
     groups: dict[str, list[int]] = collections.defaultdict(list)
-    if group_by:
-        for r in records:
-            groups[str(r["meta"].get(group_by, "(none)"))].append(r["meta"]["thinking_tokens"])
+    for r in iter_committed(folder):
+        meta = r["meta"]
+        lengths.append(meta["thinking_tokens"])
+        prompt_tokens += meta["prompt_tokens"]
+        without_thinking += r["thinking"] is None
+        reasons[meta["finish_reason"]] += 1
+        if group_by:
+            groups[str(meta.get(group_by, "(none)"))].append(meta["thinking_tokens"])
     summary = {
-        "documents": len(records),
-        "prompt_tokens": sum(r["meta"]["prompt_tokens"] for r in records),
+        "documents": len(lengths),
+        "prompt_tokens": prompt_tokens,
         "thinking_tokens": sum(lengths),
-        "finish_reasons": dict(collections.Counter(r["meta"]["finish_reason"] for r in records)),
-        "without_thinking": sum(r["thinking"] is None for r in records),
+        "finish_reasons": dict(reasons),
+        "without_thinking": without_thinking,
         "thinking_length": _stats(lengths),
         "by_group": {g: _stats(v) for g, v in sorted(groups.items())},
         "group_by": group_by,

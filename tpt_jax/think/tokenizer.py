@@ -37,13 +37,11 @@ class GeneratorTokenizer:
         config = {}
         config_path = os.path.join(folder, "tokenizer_config.json")
         if os.path.exists(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
-        template = config.get("chat_template")
+            config = _read(config_path, json.loads)
+        template, template_path = config.get("chat_template"), config_path
         jinja_path = os.path.join(folder, "chat_template.jinja")
         if template is None and os.path.exists(jinja_path):
-            with open(jinja_path) as f:
-                template = f.read()
+            template, template_path = _read(jinja_path, str), jinja_path
         self.eos_token = _token_text(config.get("eos_token"))
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -51,7 +49,13 @@ class GeneratorTokenizer:
         if isinstance(template, str):
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise
-            self._template = env.from_string(template)
+            try:
+                self._template = env.from_string(template)
+            except jinja2.TemplateSyntaxError as e:
+                raise TokenizerError(
+                    f"{template_path}: the chat template does not parse (line {e.lineno}: "
+                    f"{e.message})"
+                ) from None
 
     @property
     def has_chat_template(self) -> bool:
@@ -94,6 +98,14 @@ class GeneratorTokenizer:
             return text, False
         end = encoding.offsets[max_tokens - 1][1]
         return text[:end], True
+
+
+def _read(path: str, parse):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f.read())
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise TokenizerError(f"{path}: cannot read it ({e})") from None
 
 
 def cut_at_stop(text: str, stops) -> tuple[str, bool]:

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 from tpt_jax.config import CheckpointConfig
 from tpt_jax.errors import CheckpointError
 from tpt_jax.model._store import check_shapes
+
+
+class CheckpointUnreadableError(CheckpointError):
+    """A checkpoint step's files cannot be read; an older step may still be good."""
+
+
+def _first_line(error: Exception) -> str:
+    # Tensorstore errors carry a whole JSON spec; the first 200 characters say what broke.
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 class RunCheckpoints:
@@ -41,18 +52,48 @@ class RunCheckpoints:
         self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
-        """Restores `step` onto abstract_state's shardings; refuses a checkpoint of other shapes."""
+        """Restores `step` onto abstract_state's shardings; refuses a checkpoint of other shapes.
+
+        Raises CheckpointUnreadableError when the step's files cannot be read (a damaged or
+        half-deleted checkpoint), CheckpointError when it does not fit the config.
+        """
         where = os.path.join(self.directory, str(step))
-        saved = self._manager.item_metadata(step)["state"]
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+        except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+            raise CheckpointUnreadableError(f"{where}: {_first_line(e)}") from e
         tree = getattr(saved, "tree", saved)
         if tree is None or "params" not in tree:
-            raise CheckpointError(f"{where}: no train state in this checkpoint")
+            raise CheckpointUnreadableError(f"{where}: no train state in this checkpoint")
         check_shapes(tree["params"], abstract_state.params, where)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
         )
-        restored = self._manager.restore(step, args=args)
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:
+            raise CheckpointUnreadableError(f"{where}: {_first_line(e)}") from e
         return restored["state"], restored["meta"]
+
+    def delete(self, step: int) -> None:
+        self._manager.delete(step)
+
+    def remove_unfinished(self) -> list[str]:
+        """Deletes the folders of saves that never finished (a process killed mid-save).
+
+        Orbax writes a step under a temporary name (`<step>.orbax-checkpoint-tmp` locally in
+        0.12.8; on GCS a folder without commit_success.txt) and renames it when done, so these
+        are never restored, only left to fill the disk. Call it only from the run's trainer: a
+        reader of the same folder (eval during training) would delete a save in flight.
+        """
+        if jax.process_index() != 0:
+            return []
+        removed = []
+        for tmp in ocp.utils.tmp_checkpoints(self.directory):
+            path = tmp.get()
+            path.rmtree()
+            removed.append(path.name)
+        return removed
 
     def close(self) -> None:
         self._manager.wait_until_finished()

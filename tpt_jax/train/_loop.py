@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from tpt_jax.config import Config, to_dict
+from tpt_jax.config import Config, save_resolved, to_dict
 from tpt_jax.errors import TptError
 from tpt_jax.model import Decoder, param_count, training_flops_per_token
 from tpt_jax.model._store import restore_params
@@ -29,6 +29,7 @@ from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.train._checkpoint import RunCheckpoints
 from tpt_jax.train._metrics import MetricsWriter, format_metrics
 from tpt_jax.train._optimizer import learning_rate, make_optimizer
+from tpt_jax.train._resume import accept_config, restore_newest_good
 from tpt_jax.train._state import (
     bytes_per_device,
     init_state,
@@ -42,7 +43,7 @@ _BATCH_DTYPES = {"loss_weights": jnp.float32}
 
 
 class TrainingDivergedError(TptError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+    """A step's loss, gradients or updates were NaN or infinite; the run stops unsaved."""
 
 
 @dataclasses.dataclass
@@ -191,7 +192,14 @@ def train(
     checkpoints = RunCheckpoints(run_dir, cfg.checkpoint)
     writer = MetricsWriter(run_dir, cfg.logging, enabled=jax.process_index() == 0)
     try:
-        state = _initial_state(cfg, checkpoints, trainer.abstract, trainer.shardings, trainer.tx)
+        removed = checkpoints.remove_unfinished()
+        if removed:
+            _log(f"train: removed unfinished checkpoint folders {', '.join(removed)}")
+        state, last_good = _initial_state(
+            cfg, run_dir, checkpoints, trainer.abstract, trainer.shardings, trainer.tx
+        )
+        if jax.process_index() == 0:
+            save_resolved(cfg, run_dir)  # only now: a refused resume leaves the run's config
         start = int(jax.device_get(state.step))
         stop = t.steps if not t.max_steps_per_run else min(t.steps, start + t.max_steps_per_run)
         _log(
@@ -222,7 +230,7 @@ def train(
             )
             if done % cfg.logging.log_every and not (save or run_eval):
                 continue
-            values = _check_finite(pending, checkpoints)
+            values = _check_finite(pending, last_good, checkpoints.directory)
             pending = []
             seconds = (time.perf_counter() - clock) / max(done - clock_step, 1)
             record = {
@@ -249,6 +257,7 @@ def train(
                 checkpoints.save(
                     done, state, {"data_position": done, "step": done, "config": to_dict(cfg)}
                 )
+                last_good = done  # _check_finite above vouched for every step up to here
             if preempted:
                 stop = done
                 _log(f"train: preempted (SIGTERM) at step {done}; checkpoint saved, rerun resumes")
@@ -258,43 +267,59 @@ def train(
         bar.close()
         return TrainResult(run_dir, start, stop, last_loss, eval_loss)
     finally:
-        preemption.close()
-        checkpoints.close()
-        writer.close()
+        try:
+            checkpoints.close()  # awaits the last save
+            writer.close()
+        finally:
+            # Only now: a repeated SIGTERM while the final save is awaited must stay a no-op
+            # instead of killing the process half-way through writing it.
+            preemption.close()
 
 
-def _initial_state(cfg: Config, checkpoints: RunCheckpoints, abstract, shardings, tx):
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, meta = checkpoints.restore(latest, abstract)
-        if int(meta["data_position"]) != latest:
+def _initial_state(
+    cfg: Config, run_dir: str, checkpoints: RunCheckpoints, abstract, shardings, tx
+) -> tuple[object, int | None]:
+    """(state, step of the checkpoint it was restored from, or None for a fresh start)."""
+    resumed = restore_newest_good(checkpoints, abstract, _log)
+    if resumed is not None:
+        state, meta, step, skipped = resumed
+        if int(meta["data_position"]) != step:
             raise TptError(
-                f"{checkpoints.directory}/{latest}: data position {meta['data_position']} != step"
+                f"{checkpoints.directory}/{step}: data position {meta['data_position']} != step"
             )
-        _log(f"train: resumed from step {latest} ({checkpoints.directory})")
-        return state
+        accept_config(cfg, run_dir, step, meta["config"], _log)
+        for bad in skipped:  # only now: a refused resume leaves the run folder as it was
+            checkpoints.delete(bad)
+        _log(f"train: resumed from step {step} ({checkpoints.directory})")
+        return state, step
     if cfg.checkpoint.init_from:
         params = restore_params(cfg.checkpoint.init_from, abstract.params)
         _log(f"train: parameters from {cfg.checkpoint.init_from}, fresh optimizer state")
-        return state_from_params(params, tx, shardings)
-    return init_state(cfg.model, tx, shardings, jax.random.key(cfg.train.seed))
+        return state_from_params(params, tx, shardings), None
+    return init_state(cfg.model, tx, shardings, jax.random.key(cfg.train.seed)), None
 
 
-def _check_finite(pending: list[tuple[int, dict]], checkpoints: RunCheckpoints) -> dict:
-    """Fetches the pending steps' metrics; stops the run at the first non-finite loss."""
+def _check_finite(pending: list[tuple[int, dict]], last_good: int | None, directory: str) -> dict:
+    """Fetches the pending steps' metrics; stops the run at the first step that was not finite.
+
+    The step itself kept the old state (see make_train_step), so nothing non-finite was applied,
+    and this runs before every save, so `last_good` (this run's last save, or the checkpoint it
+    resumed from) holds finite state.
+    """
     fetched = jax.device_get([m for _, m in pending])
     for (step, _), values in zip(pending, fetched, strict=True):
-        loss = float(values["loss"])
-        if not math.isfinite(loss):
-            last = checkpoints.latest_step()
+        loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
+        if not bool(values.get("finite", math.isfinite(loss))):
             kept = (
-                f"step {last} in {checkpoints.directory}"
-                if last is not None
+                f"step {last_good} in {directory}"
+                if last_good is not None
                 else "none was saved yet"
             )
             raise TrainingDivergedError(
-                f"loss is {loss} at step {step}; training stopped without saving. Last good "
-                f"checkpoint: {kept}. Lower schedule.peak_lr or check the data, then rerun to resume."
+                f"loss is {loss} at step {step} with gradient norm {grad_norm} (or an update "
+                f"overflowed); the step was not applied and training stopped without saving. "
+                f"Last good checkpoint: {kept}. Lower schedule.peak_lr or check the data, then "
+                "rerun to resume."
             )
     return fetched[-1]
 

@@ -95,13 +95,23 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+        # A finite loss can still come with inf/nan gradients or updates (an overflow in the
+        # backward pass, a learning rate that overflows float32); such a step must never reach
+        # the state, or it is saved and poisons every later step. Selecting per leaf keeps the
+        # donated buffers reusable; the loop stops on the flag.
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        )
         metrics = {
-            "loss": loss_sum / denom,
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "loss_tokens": weight,
+            "finite": finite,  # bool: False = this step was not applied
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        stepped = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return jax.tree.map(lambda new, old: jnp.where(finite, new, old), stepped, state), metrics
 
     return step
 

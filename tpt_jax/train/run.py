@@ -6,7 +6,7 @@ import itertools
 
 import jax
 
-from tpt_jax.config import Config, dump_yaml, save_resolved
+from tpt_jax.config import Config, dump_yaml
 from tpt_jax.data import synthetic
 from tpt_jax.errors import ConfigError
 from tpt_jax.train._loop import TrainResult, run_folder, train
@@ -34,10 +34,9 @@ def synthetic_sources(cfg: Config):
 
 def run_training(cfg: Config, config_path: str | None, quiet_config: bool = False) -> TrainResult:
     run_dir = run_folder(cfg, config_path)
-    if jax.process_index() == 0:
-        if not quiet_config:
-            print(dump_yaml(cfg), end="")
-        save_resolved(cfg, run_dir)
+    # The loop writes config.yaml once the resume has been checked against the checkpoint.
+    if jax.process_index() == 0 and not quiet_config:
+        print(dump_yaml(cfg), end="")
     if cfg.data.source == "prepared":
         batches, epochs = prepared_source(cfg)
         result = train(cfg, run_dir, batches, extra_metrics=epochs)

@@ -1,0 +1,145 @@
+"""Resuming a run safely: the newest checkpoint that restores, with the settings it was trained with.
+
+A damaged newest checkpoint (a truncated upload, a deleted file) is skipped for the previous one;
+the steps after it are repeated exactly, since the data position is the step. A resume whose
+config changes what the run computes is refused unless `checkpoint.allow_config_change=true`;
+then the change is appended to `<run>/config_changes.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from tpt_jax import storage
+from tpt_jax.config import Config, to_dict
+from tpt_jax.errors import CheckpointError, ConfigError
+from tpt_jax.train._checkpoint import CheckpointUnreadableError, RunCheckpoints
+
+# Dotted keys (or whole sections) that may change between invocations of one run because they
+# change how or where it runs, or what it reports, never the numbers it trains. Everything else
+# (model, optimizer, schedule, data, batch and sequence shape, seed) makes a different run.
+FREE_KEYS = (
+    "train.steps",  # extend or shorten a run; refused where the schedule depends on it, below
+    "train.max_steps_per_run",
+    "train.eval_every",
+    "train.eval_batches",
+    "checkpoint",  # where and how often state is saved (and this very switch)
+    "logging",
+    "mesh",  # the same global batch on another layout: DESIGN.md's elastic resume
+    "optimizer.grad_accum_steps",  # memory only: the loss is the mean over the whole batch
+    "model.remat_policy",  # the remaining model keys choose kernels and memory, not the math
+    "model.attention",
+    "model.attention_block",
+    "model.splash_block_q",
+    "model.splash_block_kv",
+    "model.splash_block_kv_compute",
+    "model.scan_unroll",
+    "model.loss_chunk",
+    "data.strict",  # used by `tpt prepare` only
+    "think",  # other pipeline stages
+    "eval",
+)
+
+CHANGES_FILE = "config_changes.jsonl"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value  # lists (corpora, mixture, mesh rules) compare as one value
+    return flat
+
+
+def _schedule_uses_steps(flat: dict) -> bool:
+    # learning_rate(): wsd places its decay at the end of train.steps, and cosine without
+    # decay_steps decays until train.steps, so there train.steps changes the learning rate.
+    kind = flat.get("schedule.kind")
+    return kind == "wsd" or (kind == "cosine" and not flat.get("schedule.decay_steps"))
+
+
+def changed_settings(saved: dict, cfg: Config) -> dict[str, tuple]:
+    """Keys whose change alters the run: dotted key -> (saved value, new value).
+
+    `saved` is the config stored with a checkpoint; keys it lacks (added to the schema later)
+    count as their defaults.
+    """
+    old = {**_flatten(to_dict(Config())), **_flatten(saved)}
+    new = _flatten(json.loads(json.dumps(to_dict(cfg))))  # tuples -> lists, as in `saved`
+    free = FREE_KEYS
+    if _schedule_uses_steps(old) or _schedule_uses_steps(new):
+        free = tuple(k for k in FREE_KEYS if k != "train.steps")
+    return {
+        key: (old.get(key), value)
+        for key, value in new.items()
+        if old.get(key) != value and not any(key == f or key.startswith(f + ".") for f in free)
+    }
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def restore_newest_good(checkpoints: RunCheckpoints, abstract, log: Callable[[str], None]):
+    """(state, meta, step, skipped steps) of the newest checkpoint that restores with finite
+    parameters, or None when there is none.
+
+    The caller deletes the skipped steps once it goes ahead: the run is about to save those steps
+    again, and Orbax refuses to write a step that exists. Raises CheckpointError when steps exist
+    but none is good.
+    """
+    steps = sorted(checkpoints.all_steps(), reverse=True)
+    skipped = []
+    for step in steps:
+        try:
+            state, meta = checkpoints.restore(step, abstract)
+        except CheckpointUnreadableError as e:
+            reason = str(e)
+        else:
+            if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params)):
+                return state, meta, step, skipped
+            reason = "its parameters are not finite"
+        log(f"train: skipped checkpoint step {step} (removed once the run goes on): {reason}")
+        skipped.append(step)
+    if skipped:
+        raise CheckpointError(
+            f"{checkpoints.directory}: no checkpoint restores (steps {', '.join(map(str, steps))}); "
+            "move the folder away to start the run again"
+        )
+    return None
+
+
+def accept_config(cfg: Config, run_dir: str, step: int, saved: dict, log) -> None:
+    """Refuses a resume that changes the run, or records the change when the config allows it."""
+    changes = changed_settings(saved, cfg)
+    if not changes:
+        return
+    listed = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in changes.items())
+    if not cfg.checkpoint.allow_config_change:
+        raise ConfigError(
+            f"{run_dir}: checkpoint step {step} was trained with other settings ({listed}); "
+            "rerun with the run's settings, or set checkpoint.allow_config_change=true to "
+            "continue with the new ones"
+        )
+    if jax.process_index() == 0:
+        path = os.path.join(run_dir, CHANGES_FILE)
+        # Object stores cannot append: rewrite the whole (small) file.
+        text = storage.read_text(path) if storage.exists(path) else ""
+        for key, (old, new) in changes.items():
+            text += json.dumps({"step": step, "key": key, "old": old, "new": new}) + "\n"
+        storage.write_bytes(path, text.encode())
+        # config.yaml is about to describe the new settings; keep the one that made these steps.
+        previous = os.path.join(run_dir, "config.yaml")
+        if storage.exists(previous):
+            kept = os.path.join(run_dir, f"config-until-step-{step}.yaml")
+            storage.write_bytes(kept, storage.read_text(previous).encode())
+    log(f"train: continuing from step {step} with changed settings: {listed} (see {CHANGES_FILE})")
