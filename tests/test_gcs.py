@@ -69,7 +69,10 @@ data:
     manifest = run_prepare(load_config(str(tmp_path / "cfg.yaml")))
     assert manifest["tasks"]["g_tpt"]["documents"] == 40
     assert gcs.exists("bucket/prepared/manifest.json")
-    assert gcs.exists("bucket/prepared/g_tpt/00000-of-00001.array_record")
+    from tpt_jax.data.prepare import shard_name
+
+    shard = shard_name("g_tpt", "gs://bucket/c/part-0.jsonl")
+    assert gcs.exists(f"bucket/prepared/{shard}")
     stored = json.loads(gcs.cat("bucket/prepared/manifest.json"))
     assert stored == manifest
 

@@ -15,6 +15,7 @@ from tpt_jax import cli
 from tpt_jax.config import MixtureComponent
 from tpt_jax.data import loader, vocab
 from tpt_jax.data.packing import row_to_batch_fields
+from tpt_jax.data.prepare import shard_name
 
 SEQ = 32
 WORDS = ["apples", "dollars", "train", "travels", "hour", "speed", "each", "cost", "number"]
@@ -78,6 +79,11 @@ def _decoded_documents(root) -> list[str]:
     return texts
 
 
+def _shard(root, input_name: str) -> str:
+    """The file name of the vanilla task's shard of one input file."""
+    return os.path.basename(shard_name("toy_vanilla", str(root / input_name)))
+
+
 def _mtimes(root) -> dict[str, int]:
     folder = root / "prepared" / "toy_vanilla"
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
@@ -122,11 +128,33 @@ def test_changed_input_rebuilds_only_its_shard(tmp_path, capsys):
     code, err = _prepare(config, capsys)
     assert code == 0, err
     after = _mtimes(tmp_path)
-    kept = ("00000-of-00002.array_record", "00000-of-00002.array_record.json")
-    rebuilt = ("00001-of-00002.array_record", "00001-of-00002.array_record.json")
+    kept = (_shard(tmp_path, "c0.jsonl"), _shard(tmp_path, "c0.jsonl") + ".json")
+    rebuilt = (_shard(tmp_path, "c1.jsonl"), _shard(tmp_path, "c1.jsonl") + ".json")
     assert all(after[name] == first[name] for name in kept)
     assert all(after[name] != first[name] for name in rebuilt)
     assert _decoded_documents(tmp_path) == docs[0] + docs[1]
+
+
+def test_a_second_folder_of_files_adds_only_its_shards(tmp_path, capsys):
+    """Shards are named by their input, not its position: a new folder (with a file of the same
+    name) builds only its own shard, and a removed file leaves the manifest with it."""
+    config = _setup(tmp_path, pattern="*/c0.jsonl")
+    old, new = _docs(0), _docs(1)
+    os.makedirs(tmp_path / "2024-01")
+    (tmp_path / "2024-01" / "c0.jsonl").write_bytes(_jsonl(old))
+    assert _prepare(config, capsys)[0] == 0
+    first = _mtimes(tmp_path)
+    os.makedirs(tmp_path / "2024-02")
+    (tmp_path / "2024-02" / "c0.jsonl").write_bytes(_jsonl(new))
+    code, err = _prepare(config, capsys)
+    assert code == 0, err
+    after = _mtimes(tmp_path)
+    assert all(after[name] == stamp for name, stamp in first.items())  # nothing rebuilt
+    assert len(after) == 2 * len(first)
+    assert sorted(_decoded_documents(tmp_path)) == sorted(old + new)
+    os.remove(tmp_path / "2024-01" / "c0.jsonl")
+    assert _prepare(config, capsys)[0] == 0
+    assert sorted(_decoded_documents(tmp_path)) == sorted(new)
 
 
 def _truncated(suffix: str, data: bytes, scratch) -> tuple[bytes, bytes]:
@@ -161,8 +189,8 @@ def test_truncated_input_is_never_done_and_is_built_once_fixed(tmp_path, capsys,
     assert len(errors) == 1 and str(bad) in errors[0], err
     assert "Traceback" not in err
     shards = tmp_path / "prepared" / "toy_vanilla"
-    assert (shards / "00000-of-00002.array_record.json").exists()  # the other work is done
-    assert not (shards / "00001-of-00002.array_record.json").exists()
+    assert (shards / (_shard(tmp_path, "c0.jsonl") + ".json")).exists()  # the rest is done
+    assert not (shards / (_shard(tmp_path, bad.name) + ".json")).exists()
     assert not (tmp_path / "prepared" / "manifest.json").exists()
 
     assert _prepare(config, capsys)[0] != 0  # still broken: still not done
@@ -177,11 +205,12 @@ def test_rejects_are_rewritten_not_appended(tmp_path, capsys):
     texts = _docs(0)
     (tmp_path / "c0.jsonl").write_bytes(_jsonl(texts, bad_lines=2))
     assert _prepare(config, capsys)[0] == 0
-    report = tmp_path / "prepared" / "rejects" / "toy_vanilla-00000-of-00001.tsv"
+    name = "toy_vanilla-" + _shard(tmp_path, "c0.jsonl").replace(".array_record", ".tsv")
+    report = tmp_path / "prepared" / "rejects" / name
     first = report.read_text()
     assert first.count("malformed JSON") == 2
 
-    stats = tmp_path / "prepared" / "toy_vanilla" / "00000-of-00001.array_record.json"
+    stats = tmp_path / "prepared" / "toy_vanilla" / (_shard(tmp_path, "c0.jsonl") + ".json")
     os.remove(stats)  # as if the run died before the stats were written: the shard is redone
     assert _prepare(config, capsys)[0] == 0
     assert report.read_text() == first
@@ -212,7 +241,7 @@ def test_rows_are_durable_before_the_stats_mark_the_shard_done(tmp_path, capsys,
     assert code == 0, err
     folder = str(tmp_path / "prepared" / "toy_vanilla")
     for i in range(2):
-        rows = os.path.join(folder, f"0000{i}-of-00002.array_record")
+        rows = os.path.join(folder, _shard(tmp_path, f"c{i}.jsonl"))
         synced = events.index(("fsync", rows + ".tmp"))
         renamed = events.index(("replace", rows))
         folder_synced = events.index(("fsync", folder), renamed)

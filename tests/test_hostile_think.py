@@ -261,8 +261,20 @@ def test_sigterm_commits_finished_documents_at_once(tmp_path, generator):
         ids = _ids(tmp_path / "out")
         assert len(ids) == len(set(ids)) == 12
         assert sum(fast.answered().values()) == 2
+        straight = _config(
+            tmp_path, generator, fast.address, [tmp_path / "docs.jsonl"], "straight", extra
+        )
+        assert _think(straight).returncode == 0  # an uninterrupted run, for the texts
     finally:
         fast.stop()
+    resumed = {r["id"]: r for r in committed_records(shard_folder(str(tmp_path / "out"), 0, 1))}
+    reference = committed_records(shard_folder(str(tmp_path / "straight"), 0, 1))
+    assert len(reference) == 12
+    for r in reference:
+        assert (resumed[r["id"]]["text"], resumed[r["id"]]["thinking"]) == (
+            r["text"],
+            r["thinking"],
+        )
 
 
 # -- a remote peer that misbehaves (the OpenAI backend against real local HTTP servers) --------

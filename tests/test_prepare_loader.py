@@ -12,6 +12,7 @@ import pytest
 from tpt_jax.config import MixtureComponent, load_config
 from tpt_jax.data import loader, vocab
 from tpt_jax.data.packing import row_to_batch_fields
+from tpt_jax.data.prepare import shard_name
 
 WORDS = [
     "apples",
@@ -93,8 +94,11 @@ def test_manifest_counts_and_rejects(prepared):
     )  # + records without thinking
     assert 0.5 < tpt["thinking_token_share"] < 0.95 and vanilla["thinking_token_share"] == 0
     assert manifest["vocab_checksum"] == vocab.checksum((root / "spm.model").read_bytes())
+    name = shard_name("toy_tpt", str(root / "c0.jsonl"))
     rejects = (
-        (root / "prepared" / "rejects" / "toy_tpt-00000-of-00003.tsv").read_text().splitlines()
+        (root / "prepared" / "rejects" / name.replace("/", "-").replace(".array_record", ".tsv"))
+        .read_text()
+        .splitlines()
     )
     assert any("no thinking" in line for line in rejects) and any(
         "malformed JSON" in line for line in rejects
@@ -123,13 +127,14 @@ def test_rerun_skips_and_redoes_only_missing_shards(prepared):
     from tpt_jax.data.prepare import run_prepare
 
     root, cfg, manifest = prepared
-    shard = root / "prepared" / "toy_tpt" / "00001-of-00003.array_record"
+    shard = root / "prepared" / shard_name("toy_tpt", str(root / "c1.jsonl"))
+    other = root / "prepared" / shard_name("toy_tpt", str(root / "c0.jsonl"))
     before = shard.read_bytes()
-    stamp = os.path.getmtime(root / "prepared" / "toy_tpt" / "00000-of-00003.array_record")
+    stamp = os.path.getmtime(other)
     os.remove(str(shard) + ".json")  # as if the run died after writing rows but before its stats
     assert run_prepare(cfg) == manifest
     assert shard.read_bytes() == before
-    assert os.path.getmtime(root / "prepared" / "toy_tpt" / "00000-of-00003.array_record") == stamp
+    assert os.path.getmtime(other) == stamp
 
 
 def test_other_config_is_refused(prepared):

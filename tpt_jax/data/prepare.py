@@ -2,7 +2,8 @@
 
 An Apache Beam pipeline with one work item per (task, input file): run the SeqIO task's
 preprocessors on that file, pack the token stream into `train.seq_len` rows, write
-`<prepared_dir>/<task>/<i>-of-<n>.array_record` and its stats atomically. The stats record the
+`<prepared_dir>/<task>/<file>-<hash of its path>.array_record` and its stats atomically (named by
+the input, so adding or removing input files builds or drops only theirs). The stats record the
 vocabulary checksum and a fingerprint of the input file, and are written only after the rows are
 on disk. A rerun skips items whose stats match the current vocabulary and input, and rebuilds the
 others, so a crash loses at most the items in flight. An input that cannot be read to its end is
@@ -52,8 +53,12 @@ def config_hash(cfg: Config) -> str:
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def shard_name(task: str, index: int, count: int) -> str:
-    return f"{task}/{index:05d}-of-{count:05d}.array_record"
+def shard_name(task: str, input_path: str) -> str:
+    """A task's shard of one input file: named by the file, not by its position in the list, so
+    another file added to the corpus leaves every existing shard's name (and rows) as they are."""
+    stem = os.path.basename(input_path).split(".")[0] or "input"
+    digest = hashlib.sha256(input_path.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{task}/{stem}-{digest}.array_record"
 
 
 def input_fingerprint(path: str) -> dict:
@@ -119,7 +124,7 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
     """Tokenizes, packs and writes one (task, input file); returns its stats. Skips a finished one
     whose vocabulary and input are unchanged."""
     root = cfg.data.prepared_dir
-    name = shard_name(task_name, index, count)
+    name = shard_name(task_name, input_path)
     stats_path = os.path.join(root, name + ".json")
     expected_hash = config_hash(cfg)
     # Read once: the checksum recorded is that of the very bytes this item tokenizes with.
@@ -254,7 +259,9 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
         )
     # Every shard's stats file is the record of its completion, whichever runner ran it.
     stats = [
-        storage.read_json(os.path.join(cfg.data.prepared_dir, shard_name(*item[:3]) + ".json"))
+        storage.read_json(
+            os.path.join(cfg.data.prepared_dir, shard_name(item[0], item[3]) + ".json")
+        )
         for item in items
     ]
     return write_manifest(cfg, stats, missing)
@@ -265,7 +272,7 @@ def _take_errors(cfg: Config, items: list[tuple[str, int, int, str]]) -> list[st
     unreadable input file), in item order."""
     messages = []
     for item in items:
-        path = os.path.join(cfg.data.prepared_dir, shard_name(*item[:3]) + ".error")
+        path = os.path.join(cfg.data.prepared_dir, shard_name(item[0], item[3]) + ".error")
         if storage.exists(path):
             with fsspec.open(path, "r") as f:
                 messages.append(f.read())
