@@ -201,6 +201,19 @@ def test_a_glob_that_matches_nothing_is_an_error(tmp_path, generator, server):
     assert not server.answered()
 
 
+def test_a_run_stopped_by_a_bad_record_keeps_what_it_finished(tmp_path, generator, server):
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for k in range(10):
+            f.write(json.dumps({"id": f"d{k}", "text": _doc_text(k)}) + "\n")
+        f.write("{not json\n")
+    extra = "  chunk_size: 100\ndata: {strict: true}"  # nothing would be committed before the end
+    config = _config(tmp_path, generator, server.address, [tmp_path / "docs.jsonl"], extra=extra)
+    line = _one_error_line(_think(config))
+    assert f"{tmp_path / 'docs.jsonl'}:11: malformed JSON" in line
+    committed = _ids(tmp_path / "out")
+    assert committed and len(committed) == len(set(committed))  # finished ones were committed
+
+
 def test_changed_settings_are_refused_unless_allowed(tmp_path, generator, server):
     _write(tmp_path / "docs.jsonl", [{"id": f"d{k}", "text": _doc_text(k)} for k in range(4)])
     config = _config(tmp_path, generator, server.address, [tmp_path / "docs.jsonl"])

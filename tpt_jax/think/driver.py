@@ -278,28 +278,33 @@ def _run_shard(cfg: Config, index: int, count: int, folder: str, lock: FolderLoc
     announced = False
     bar = tqdm(desc=f"think shard {index}/{count}", unit="doc", initial=len(done))
     generated_tokens, started = 0, time.perf_counter()
-    for slot in produce(cfg, pending(), prompt_of, tokenizer, stop_requested):
-        if not slot.failed:  # a failed remote request stays pending for the next run
-            text, reason, num_tokens = _outcome(tokenizer, slot, t.stop, t.max_new_tokens)
-            generated_tokens += num_tokens
-            finished.append(_finish(slot, text, reason, num_tokens, cfg, template, t.model_dir))
-            bar.update(1)
-            rate = generated_tokens / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
-        if len(finished) >= t.chunk_size or (stop_requested() and finished):
-            # On SIGTERM what is finished is committed at once: the grace period may end any time.
-            commit()
-        if stop_requested() and not announced:
-            announced = True
-            tqdm.write(STOPPING)
-    while finished:
-        commit()
+    try:
+        for slot in produce(cfg, pending(), prompt_of, tokenizer, stop_requested):
+            if not slot.failed:  # a failed remote request stays pending for the next run
+                text, reason, num_tokens = _outcome(tokenizer, slot, t.stop, t.max_new_tokens)
+                generated_tokens += num_tokens
+                finished.append(_finish(slot, text, reason, num_tokens, cfg, template, t.model_dir))
+                bar.update(1)
+                rate = generated_tokens / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(tok_s=f"{rate:,.0f}", refresh=False)
+            if len(finished) >= t.chunk_size or (stop_requested() and finished):
+                # On SIGTERM what is finished is committed at once: the grace may end any time.
+                commit()
+            if stop_requested() and not announced:
+                announced = True
+                tqdm.write(STOPPING)
+    finally:
+        # Also when the run stops on an error (a strict-mode bad record, a refused request):
+        # what is finished is kept. Not when the shard was taken over: it is no longer ours.
+        if not lock.lost:
+            while finished:
+                commit()
+        preemption.close()
+        bar.close()
+        rejects.close()
     stopped = stop_requested()
     if stopped and not announced:  # the local engine returns at once, yielding nothing more
         tqdm.write(STOPPING)
-    preemption.close()
-    bar.close()
-    rejects.close()
     if not stopped and not seen:
         raise TptError(
             f"shard {index}/{count} of think.corpus.paths {list(t.corpus.paths)} holds no "
