@@ -140,23 +140,33 @@ def test_think_output_on_gcs_commits_and_resumes(gcs, tmp_path):
 
 
 def test_a_shard_folder_on_gcs_has_one_owner(gcs):
-    """The lease object: a second owner is refused while the first renews it; a lease left by a
-    killed holder is taken over, and the old holder then finds it lost instead of writing on."""
+    """The lease object: a second owner is refused while the first renews it, even when the
+    holder's clock is far off; a holder that stops renewing finds its lease lost (it must stop
+    writing) and a newcomer takes it over; chunks are created, never replaced."""
     import time
 
+    from tpt_jax import storage
     from tpt_jax.lock import FolderBusyError, FolderLock
 
-    first = FolderLock("gs://bucket/owned/shard-0", lease_s=2.0).__enter__()
+    first = FolderLock("gs://bucket/owned/shard-0", lease_s=2.0)
+    first._clock = lambda: time.time() - 1000  # its leases look 1000 s old to everyone else
+    first.__enter__()
     time.sleep(1.2)  # past one renewal
     with pytest.raises(FolderBusyError, match=f"in use by pid {os.getpid()}"):
         FolderLock("gs://bucket/owned/shard-0", lease_s=2.0).__enter__()
+    assert not first.lost
     first._stop.set()  # the holder freezes (as if SIGKILLed): no more renewals
     first._renewer.join()
     time.sleep(2.5)
+    assert first.lost  # not renewed for a lease's length: may be taken over any time
     with FolderLock("gs://bucket/owned/shard-0", lease_s=2.0) as second:
-        assert not first._put(first._generation)  # the frozen holder's lease is gone
+        assert not first._put(first._generation) and not first._still_mine()
         assert not second.lost
     assert not gcs.exists("bucket/owned/shard-0/.owner")
+    storage.write_bytes("gs://bucket/owned/shard-0/chunk-000000.jsonl", b"a\n", exclusive=True)
+    with pytest.raises(FileExistsError):
+        storage.write_bytes("gs://bucket/owned/shard-0/chunk-000000.jsonl", b"b\n", exclusive=True)
+    assert gcs.cat("bucket/owned/shard-0/chunk-000000.jsonl") == b"a\n"
 
 
 def test_training_checkpoints_and_logs_on_gcs(gcs, tmp_path):

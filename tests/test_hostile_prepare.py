@@ -155,6 +155,23 @@ def test_a_second_folder_of_files_adds_only_its_shards(tmp_path, capsys):
     os.remove(tmp_path / "2024-01" / "c0.jsonl")
     assert _prepare(config, capsys)[0] == 0
     assert sorted(_decoded_documents(tmp_path)) == sorted(new)
+    # Another path in the config: its files are added; the data prepared so far is kept.
+    extra = ["the train travels each hour"] * 3
+    os.makedirs(tmp_path / "extra")
+    (tmp_path / "extra" / "e.jsonl").write_bytes(_jsonl(extra))
+    text = (tmp_path / "cfg.yaml").read_text()
+    (tmp_path / "cfg.yaml").write_text(
+        text.replace('*/c0.jsonl"]', f'*/c0.jsonl", "{tmp_path}/extra/e.jsonl"]')
+    )
+    kept = {
+        n: t
+        for n, t in _mtimes(tmp_path).items()
+        if n.startswith(_shard(tmp_path, "2024-02/c0.jsonl"))
+    }
+    code, err = _prepare(config, capsys)
+    assert code == 0, err
+    assert all(_mtimes(tmp_path)[n] == t for n, t in kept.items()) and len(kept) == 2
+    assert sorted(_decoded_documents(tmp_path)) == sorted(new + extra)
 
 
 def _truncated(suffix: str, data: bytes, scratch) -> tuple[bytes, bytes]:

@@ -410,3 +410,96 @@ def test_retries_honour_retry_after_and_are_jittered(monkeypatch):
     for attempt, (a, b) in enumerate(zip(first, second, strict=True)):
         ceiling = min(30.0, 0.5 * 2**attempt)
         assert ceiling / 2 <= min(a, b) and max(a, b) <= ceiling
+
+
+def test_line_separators_inside_a_text_survive_commit_and_resume(tmp_path, generator, server):
+    # json.dumps(ensure_ascii=False) leaves U+2028/U+0085 as they are: lines split only at "\n".
+    texts = [_doc_text(0) + " cost\u2028six", _doc_text(1) + " \u0085 \u2029 end", _doc_text(2)]
+    _write(tmp_path / "docs.jsonl", [{"id": f"d{k}", "text": t} for k, t in enumerate(texts)])
+    config = _config(tmp_path, generator, server.address, [tmp_path / "docs.jsonl"])
+    for _ in range(2):
+        result = _think(config)
+        assert result.returncode == 0 and "tpt: run complete" in result.stdout, result.stderr
+    records = committed_records(shard_folder(str(tmp_path / "out"), 0, 1))
+    assert sorted(r["text"] for r in records) == sorted(texts)
+
+
+def test_a_document_that_cannot_be_prompted_never_hangs_the_run(tmp_path, generator, server):
+    import shutil
+
+    records = [{"id": f"d{k}", "text": _doc_text(k)} for k in range(3)]
+    _write(tmp_path / "docs.jsonl", records)
+    with open(tmp_path / "docs.jsonl", "a") as f:  # a lone surrogate, as JSON may escape it
+        f.write('{"id": "bad", "text": "mark9 apples \\ud83d cost"}\n')
+    config = _config(tmp_path, generator, server.address, [tmp_path / "docs.jsonl"])
+    result = _think(config, timeout=120)
+    assert result.returncode == 0 and "tpt: run complete" in result.stdout, result.stderr[-2000:]
+    assert sorted(_ids(tmp_path / "out")) == ["d0", "d1", "d2"]
+    rejects = (tmp_path / "out" / "shard-00000-of-00001" / "rejects.tsv").read_text()
+    assert "docs.jsonl:4\tinvalid Unicode: 'text' has a lone surrogate" in rejects
+    # A generator without a chat template (think.chat_template is on): every prompt fails.
+    plain = tmp_path / "plain"
+    shutil.copytree(generator, plain)
+    (plain / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    config = _config(tmp_path, plain, server.address, [tmp_path / "docs.jsonl"], "out2")
+    assert "chat template" in _one_error_line(_think(config, timeout=120))
+
+
+def test_a_truncated_input_file_is_not_a_complete_run(tmp_path, generator, server):
+    import gzip
+
+    lines = b"".join(
+        json.dumps({"id": f"d{k}", "text": _doc_text(k) + " so" * 40}).encode() + b"\n"
+        for k in range(200)
+    )
+    whole = gzip.compress(lines)
+    (tmp_path / "docs.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    config = _config(tmp_path, generator, server.address, [tmp_path / "docs.jsonl.gz"])
+    line = _one_error_line(_think(config))
+    assert "could not be read to their end" in line and "docs.jsonl.gz" in line
+    read = _ids(tmp_path / "out")
+    assert 0 < len(read) < 200  # what was read is committed
+    (tmp_path / "docs.jsonl.gz").write_bytes(whole)
+    result = _think(config)
+    assert result.returncode == 0 and "tpt: run complete" in result.stdout, result.stderr[-2000:]
+    assert sorted(_ids(tmp_path / "out")) == sorted(f"d{k}" for k in range(200))
+    assert sum(server.answered().values()) == 200
+
+
+def test_output_of_an_older_version_is_not_added_to(tmp_path, generator, server):
+    _write(tmp_path / "docs.jsonl", [{"id": f"d{k}", "text": _doc_text(k)} for k in range(4)])
+    folder = tmp_path / "out" / "shard-00000-of-00002"
+    _write(folder / "chunk-000000.jsonl", [{"id": "d0", "text": _doc_text(0), "thinking": "x"}])
+    config = _config(tmp_path, generator, server.address, [tmp_path / "docs.jsonl"])
+    assert "without a settings.json" in _one_error_line(_think(config, "--shard", "0/2"))
+    assert not server.answered()
+
+
+def test_a_shard_without_documents_of_its_own_completes(tmp_path, generator, server):
+    _write(tmp_path / "docs.jsonl", [{"id": f"d{k}", "text": _doc_text(k)} for k in range(3)])
+    config = _config(tmp_path, generator, server.address, [tmp_path / "docs.jsonl"])
+    for i in range(8):  # 3 documents over 8 shards: most shards have none
+        result = _think(config, "--shard", f"{i}/8")
+        assert result.returncode == 0 and "tpt: run complete" in result.stdout, result.stderr
+    assert sorted(_ids(tmp_path / "out", 8)) == ["d0", "d1", "d2"]
+
+
+def test_a_prompt_too_long_for_the_server_stays_pending_alone():
+    from tpt_jax.errors import TptError
+    from tpt_jax.think.backends import BackendError
+
+    vllm = "This model's maximum context length is 2048 tokens. However, you requested 9000"
+    peer = _Peer(lambda h, n: _reply(h, 400, {"message": vllm}))
+    try:
+        with pytest.raises(BackendError, match="maximum context length"):
+            _backend(peer.address).complete("p", 4, seed=0)
+        assert len(peer.requests) == 1  # not retried: it would be refused again
+    finally:
+        peer.close()
+    wrong_model = _Peer(lambda h, n: _reply(h, 404, {"message": "The model `m` does not exist."}))
+    try:
+        with pytest.raises(TptError, match="does not exist") as info:
+            _backend(wrong_model.address).complete("p", 4, seed=0)
+        assert not isinstance(info.value, BackendError)  # every request would fail: stop
+    finally:
+        wrong_model.close()

@@ -168,6 +168,29 @@ def test_non_finite_gradients_are_never_applied_or_saved(tmp_path, monkeypatch):
         checkpoints.close()
 
 
+def test_a_non_finite_step_returns_the_state_it_was_given(monkeypatch):
+    """The select inside the jitted step itself (the loop's check is the second line)."""
+    from tpt_jax.model import Decoder
+    from tpt_jax.train._loop import _layout
+    from tpt_jax.train._state import init_state
+    from tpt_jax.train._step import make_train_step
+
+    _poison_gradients(monkeypatch)
+    cfg = load_config(CONFIG, [*BASE, "mesh.data=1"])
+    layout = _layout(cfg, jax.devices()[:1])
+    step = jax.jit(make_train_step(Decoder(cfg.model), layout.tx, layout.schedule, 1))
+    batch = next(synthetic_sources(cfg)[0](0))
+    state = init_state(cfg.model, layout.tx, layout.shardings, jax.random.key(0))
+    before = [np.asarray(x) for x in jax.tree.leaves(state)]
+    poisoned = {**batch, "loss_weights": batch["loss_weights"] * 2.0}
+    after, metrics = step(state, poisoned)
+    assert not bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    for x, y in zip(before, jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(x, np.asarray(y))
+    moved, metrics = step(state, batch)  # the same state and a clean batch: a real step
+    assert bool(metrics["finite"]) and int(moved.step) == int(state.step) + 1
+
+
 def _abstract(cfg):
     from tpt_jax.train._loop import _layout
 
@@ -210,6 +233,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert len(skipped) == 1, output[-3000:]
     assert "resumed from step 4" in output
     assert not (folder / "7.orbax-checkpoint-tmp").exists()
+    aside = [n for n in os.listdir(folder) if n.startswith("6.unreadable-")]
+    assert len(aside) == 1  # set aside, not deleted: a storage hiccup would be recoverable
 
     a, b = _records_by_step(tmp_path / "straight"), _records_by_step(tmp_path / "broken")
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -222,6 +247,43 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert meta_b["step"] == 8
     for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_read_error_that_passes_does_not_pass_over_a_checkpoint(tmp_path, monkeypatch):
+    from tpt_jax.train._checkpoint import CheckpointUnreadableError
+
+    cfg = load_config(CONFIG, _args(tmp_path, "flaky", "train.steps=6", "mesh.data=1"))
+    sources, _ = synthetic_sources(cfg)
+    run_dir = str(tmp_path / "flaky")
+    first = load_config(
+        CONFIG,
+        _args(tmp_path, "flaky", "train.steps=6", "train.max_steps_per_run=4", "mesh.data=1"),
+    )
+    train(first, run_dir, sources, devices=jax.devices()[:1])
+    assert _saved_steps(run_dir) == [2, 4]
+    failed = []
+    real = RunCheckpoints.restore
+
+    def flaky(self, step, abstract):  # a GCS 503 on the first read, then all is well
+        if not failed:
+            failed.append(step)
+            raise CheckpointUnreadableError(f"{step}: HttpError: 503 Service Unavailable")
+        return real(self, step, abstract)
+
+    monkeypatch.setattr(RunCheckpoints, "restore", flaky)
+    monkeypatch.setattr("tpt_jax.train._resume.time.sleep", lambda s: None)
+    result = train(cfg, run_dir, sources, devices=jax.devices()[:1])
+    assert failed == [4] and result.start_step == 4 and result.final_step == 6
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["2", "4", "6"]
+
+
+def test_a_changed_optimizer_is_a_settings_error_not_damage(tmp_path):
+    first = _tpt_train(tmp_path, "opt", "train.steps=6", "train.max_steps_per_run=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _tpt_train(tmp_path, "opt", "train.steps=6", "optimizer.grad_clip=0")
+    line = _error_line(again)
+    assert "optimizer.grad_clip" in line and "allow_config_change" in line
+    assert sorted(os.listdir(tmp_path / "opt" / "checkpoints")) == ["2"]  # nothing set aside
 
 
 # --- changed settings on resume -------------------------------------------------------------

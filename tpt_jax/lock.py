@@ -47,7 +47,17 @@ class FolderLock:
         self._generation = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
-        self.lost = False  # a remote lease that someone else took over (we were presumed dead)
+        self._taken_over = False
+        self._renewed_at = time.monotonic()
+        self._clock = time.time  # this host's wall clock, which the lease records (tests skew it)
+
+    @property
+    def lost(self) -> bool:
+        """A remote lease taken over by another process, or not renewed for `lease_s` (another
+        process may take it over any time now): the holder must not write on."""
+        if self._renewer is None and not self._taken_over:
+            return False
+        return self._taken_over or time.monotonic() - self._renewed_at > self.lease_s
 
     def __enter__(self) -> FolderLock:
         if storage.is_remote(self.path):
@@ -92,11 +102,11 @@ class FolderLock:
         self._me = _holder()
         if not self._put(0):
             info, holder = self._read()
-            age = time.time() - holder.get("renewed", 0)
-            if age < self.lease_s:
+            age = self._clock() - holder.get("renewed", 0)
+            if age < self.lease_s or self._renewed_meanwhile(info):
                 raise FolderBusyError(
                     f"{os.path.dirname(self.path)} is in use by {_describe(holder)} "
-                    f"(lease renewed {age:.0f}s ago): one process per shard"
+                    f"(its lease is being renewed): one process per shard"
                 )
             # A stale lease: replace exactly the generation we read; if that fails, another
             # process took it over first.
@@ -110,7 +120,7 @@ class FolderLock:
     def _put(self, generation: int) -> bool:
         """Writes the lease if the object's generation is `generation` (0: absent)."""
         bucket, key, _ = self._fs.split_path(self._inner)
-        lease = json.dumps({**self._me, "renewed": time.time()})
+        lease = json.dumps({**self._me, "renewed": self._clock()})
         # A multipart upload (metadata + body), as gcsfs itself writes small objects.
         body = (
             f"--lease\nContent-Type: application/json; charset=UTF-8\n\n{json.dumps({'name': key})}"
@@ -131,6 +141,20 @@ class FolderLock:
         self._generation = int(reply["generation"])
         return True
 
+    def _renewed_meanwhile(self, info: dict) -> bool:
+        """Watches the lease for half its length: a live holder renews it (a new generation)
+        every quarter. The holder's clock may be off; this judges by what the store shows."""
+        deadline = time.monotonic() + self.lease_s / 2
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.lease_s / 8))
+            try:
+                now, _ = self._read()
+            except FileNotFoundError:
+                return False  # released meanwhile
+            if now.get("generation") != info.get("generation"):
+                return True
+        return False
+
     def _read(self) -> tuple[dict, dict]:
         self._fs.invalidate_cache(self._inner)
         info = self._fs.info(self._inner)
@@ -143,11 +167,22 @@ class FolderLock:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             try:
-                if not self._put(self._generation):
-                    self.lost = True  # someone presumed us dead and took over
+                if self._put(self._generation) or self._still_mine():
+                    self._renewed_at = time.monotonic()
+                else:
+                    self._taken_over = True  # someone presumed us dead and took over
                     return
-            except OSError:
-                continue  # transient: try again at the next renewal
+            except Exception:  # gcsfs raises HttpError, not OSError, once its retries are spent
+                continue  # try again at the next renewal; meanwhile `lost` tells the writer
+
+    def _still_mine(self) -> bool:
+        """After a refused renewal: was it only a retry of a renewal that had succeeded (its
+        reply lost)? Then the object holds our lease at a newer generation."""
+        info, holder = self._read()
+        if holder.get("pid") == self._me["pid"] and holder.get("since") == self._me["since"]:
+            self._generation = int(info["generation"])
+            return True
+        return False
 
     def release(self) -> None:
         if self._file is not None:
@@ -157,7 +192,7 @@ class FolderLock:
             self._stop.set()
             self._renewer.join()
             self._renewer = None
-            if not self.lost:
+            if not self._taken_over:
                 bucket, key, _ = self._fs.split_path(self._inner)
                 # Taken over or gone: then there is nothing of ours to remove.
                 with contextlib.suppress(OSError):  # FileExistsError (412) is an OSError

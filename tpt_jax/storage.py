@@ -16,10 +16,12 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes, exclusive: bool = False) -> None:
+    """Writes `path` whole or not at all. `exclusive`: only if it does not exist yet (else
+    FileExistsError), decided by the file system or the object store, not by a check before."""
     if is_remote(path):
         fs, inner = fsspec.core.url_to_fs(path)
-        fs.pipe_file(inner, data)
+        fs.pipe_file(inner, data, **({"mode": "create"} if exclusive else {}))
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
@@ -31,6 +33,12 @@ def write_bytes(path: str, data: bytes) -> None:
         if e.filename is None:  # a failed write (a full disk) names no file: name the output
             e.filename = path
         raise
+    if exclusive:
+        try:
+            os.link(path + ".tmp", path)  # fails if `path` exists, where a rename would replace it
+        finally:
+            os.remove(path + ".tmp")
+        return
     os.replace(path + ".tmp", path)
 
 

@@ -47,8 +47,13 @@ class PreparedDataError(TptError):
 def config_hash(cfg: Config) -> str:
     """What the prepared rows depend on: the data section (minus loader settings) and seq_len."""
     data = to_dict(cfg.data)
-    for key in ("source", "seed", "strict", "prepared_dir", "mixture"):
+    # The vocabulary's contents (not its path) are each shard's own record, as are its inputs.
+    for key in ("source", "seed", "strict", "prepared_dir", "mixture", "vocab_path"):
         data.pop(key, None)
+    for corpus in data.get("corpora", []):
+        # Which files a corpus has is each shard's own record (its input and fingerprint), so
+        # adding a path or a folder builds only the new shards instead of refusing the folder.
+        corpus.pop("paths", None)
     payload = json.dumps({"data": data, "seq_len": cfg.train.seq_len}, sort_keys=True)
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -66,7 +71,10 @@ def input_fingerprint(path: str) -> dict:
     generation (or etag) on an object store."""
     if not storage.is_remote(path):
         st = os.stat(path)
-        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        # ctime too: `cp -p`, `rsync -t` and `tar x` restore an old mtime, but no tool can set
+        # the ctime, which any write or replacement of the file moves.
+        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "ctime_ns": st.st_ctime_ns}  # fmt: skip
     fs, inner = fsspec.core.url_to_fs(path)
     fs.invalidate_cache(inner)  # a listing cached earlier in this process may predate a rewrite
     info = fs.info(inner)
@@ -147,8 +155,7 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
 
     from tpt_jax.data import tasks
 
-    tasks.register(dataclasses.replace(cfg.data, vocab_path=vocab_path))
-    task = seqio.get_mixture_or_task(task_name)
+    task = tasks.private_task(dataclasses.replace(cfg.data, vocab_path=vocab_path), task_name)
     files = task.source.list_shards("train")[index::count]
     if files != [input_path]:
         raise PreparedDataError(
@@ -182,6 +189,8 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
             os.path.join(root, name + ".error"), task.source.rejects.first_error.encode()
         )
         return {"error": task.source.rejects.first_error}
+    if input_fingerprint(input_path) != inputs[0]:  # rewritten while it was read
+        task.source.rejects.unreadable_files.append(f"{input_path} (changed while it was read)")
     if task.source.rejects.unreadable_files:
         # Its rows would hold only part of the file: no rows, no stats, so a rerun retries it.
         message = "; ".join(task.source.rejects.unreadable_files)

@@ -236,6 +236,17 @@ def to_document(
             thinking = None
     raw_id = record.get(corpus.id_field)
     doc_id = str(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+    for field, value in ((corpus.text_field, text), (corpus.thinking_field, thinking),
+                         (corpus.id_field, doc_id)):  # fmt: skip
+        try:
+            (value or "").encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON may escape half of a surrogate pair ("\ud83d")
+            rejects.reject(
+                path,
+                line,
+                f"invalid Unicode: '{field}' has a lone surrogate at character {e.start}",
+            )
+            return None
     if doc_id is None:
         # From the content, not the position: two files of one name in different folders, a
         # document prepended to a file or files reordered leave every other id unchanged. Two

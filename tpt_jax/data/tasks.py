@@ -125,6 +125,18 @@ def make_task(name: str, corpus: CorpusConfig, tpt: bool, template: str, sp_voca
     )
 
 
+def private_task(data: DataConfig, task_name: str) -> seqio.Task:
+    """A task of the data config built for one caller, not taken from seqio's process-wide
+    registry: prepare's work items set their own reject log on its source, and work items running
+    on threads of one worker must not share (and swap) one source object."""
+    for corpus in data.corpora:
+        for suffix, tpt in (("vanilla", False), ("tpt", True)):
+            if task_name == f"{corpus.name}_{suffix}" and (corpus.thinking_field or not tpt):
+                sp_vocab = vocab.seqio_vocabulary(data.vocab_path)
+                return make_task(task_name, corpus, tpt, data.tpt_template, sp_vocab)
+    raise KeyError(task_name)
+
+
 def register(
     data: DataConfig, mixture_name: str = "tpt_mixture"
 ) -> tuple[list[seqio.Task], seqio.Mixture | None]:

@@ -5,7 +5,8 @@ Requests run concurrently up to a limit, each with a deadline, and are retried w
 exponential backoff (or after the server's Retry-After); one that still fails raises BackendError,
 and the driver leaves its document pending. A request the server refuses as malformed (HTTP 4xx
 other than 408/429) or redirects is a configuration error and stops the run at once: every
-remaining document would fail the same way.
+remaining document would fail the same way. A prompt too long for the server's context is the
+exception: only that document stays pending, with the server's reason.
 """
 
 from __future__ import annotations
@@ -99,6 +100,15 @@ class JetStreamBackend:
 _RETRYABLE_HTTP = {408, 429}
 
 
+# How vLLM ("maximum context length"), SGLang ("longer than the model's context length") and
+# others word a prompt too long for the model: one document's problem, not the configuration's.
+_TOO_LONG_WORDS = ("context length", "too long", "longer than", "context window")
+
+
+def _too_long(code: int, body: str) -> bool:
+    return code == 413 or (code in (400, 422) and any(w in body.lower() for w in _TOO_LONG_WORDS))
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), if any."""
     if not value:
@@ -189,6 +199,9 @@ class OpenAIBackend:
                         "URL (redirects are not followed)"
                     )
                 code = response.status_code
+                if _too_long(code, response.text):
+                    # This document's prompt does not fit the server's context: only it fails.
+                    raise BackendError(f"{where}: refused: HTTP {code}: {response.text[:300]}")
                 if 400 <= code < 500 and code not in _RETRYABLE_HTTP:
                     raise TptError(
                         f"{where}: HTTP {code} {response.reason_phrase}: "

@@ -62,7 +62,9 @@ def _chunks(folder: str) -> list[str]:
 
 def _committed_lines(folder: str) -> Iterator[str]:
     for path in _chunks(folder):
-        yield from storage.read_text(path).splitlines()
+        # "\n" only: str.splitlines() also splits at U+2028, U+0085 and others, which JSON
+        # written with ensure_ascii=False leaves unescaped inside a record's text.
+        yield from (line for line in storage.read_text(path).split("\n") if line)
 
 
 def iter_committed(folder: str) -> Iterator[dict]:
@@ -105,7 +107,13 @@ def _commit(folder: str, index: int, records: list[dict], lock: FolderLock) -> N
     if lock.lost:  # a remote lease taken over while we were unresponsive: stop, write nothing
         raise FolderBusyError(f"{folder}: another process took this shard over; stopping")
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    storage.write_bytes(os.path.join(folder, f"chunk-{index:06d}.jsonl"), lines.encode())
+    path = os.path.join(folder, f"chunk-{index:06d}.jsonl")
+    try:  # never replace a chunk: if one of this name exists, someone else writes this shard
+        storage.write_bytes(path, lines.encode(), exclusive=True)
+    except FileExistsError:
+        raise FolderBusyError(
+            f"{path} exists: another process writes this shard; stopping"
+        ) from None
 
 
 def output_settings(cfg: Config, template) -> dict:
@@ -153,6 +161,13 @@ def check_settings(folder: str, settings: dict, allow_change: bool) -> None:
         old = storage.read_text(log) if storage.exists(log) else ""
         storage.write_bytes(log, (old + entry).encode())
         tqdm.write(f"tpt think: settings changed in {folder} ({diff}); recorded in {log}")
+    elif _chunks(folder) and not allow_change:
+        # Output of a version that kept no record (and assigned shards by position): adding to
+        # it could generate documents twice under other settings or in another shard.
+        raise TptError(
+            f"{folder} holds output without a settings.json (an older tpt_jax); use a new "
+            "think.output_dir, or think.allow_settings_change=true to add to it anyway"
+        )
     storage.write_bytes(path, json.dumps(settings, indent=1).encode())
 
 
@@ -239,9 +254,12 @@ def _run_shard(cfg: Config, index: int, count: int, folder: str, lock: FolderLoc
     teacher = t.backend == "teacher"  # reads the document itself: no model, prompt or tokenizer
     tokenizer = None if teacher else GeneratorTokenizer(t.model_dir)
     seen: dict[str, str] = {}  # id -> where it was first read, for this shard's documents
+    usable = 0  # documents of the whole corpus
 
     def pending() -> Iterator[Document]:
+        nonlocal usable
         for doc in read_corpus(t.corpus, rejects):
+            usable += 1
             if shard_of(doc.id, count) != index:
                 continue
             if doc.id in seen:
@@ -270,8 +288,9 @@ def _run_shard(cfg: Config, index: int, count: int, folder: str, lock: FolderLoc
 
     def commit() -> None:
         nonlocal chunk_index, finished
-        batch, finished = finished[: t.chunk_size], finished[t.chunk_size :]
+        batch = finished[: t.chunk_size]
         _commit(folder, chunk_index, batch, lock)
+        finished = finished[t.chunk_size :]  # only once written: a failed write keeps them
         chunk_index += 1
         done.update(record["id"] for record in batch)
 
@@ -305,16 +324,22 @@ def _run_shard(cfg: Config, index: int, count: int, folder: str, lock: FolderLoc
     stopped = stop_requested()
     if stopped and not announced:  # the local engine returns at once, yielding nothing more
         tqdm.write(STOPPING)
-    if not stopped and not seen:
+    if not stopped and not usable:
         raise TptError(
-            f"shard {index}/{count} of think.corpus.paths {list(t.corpus.paths)} holds no "
-            f"usable document ({rejects.summary()})"
+            f"think.corpus.paths {list(t.corpus.paths)} hold no usable document "
+            f"({rejects.summary()})"
         )
     from tpt_jax.think.summary import summarize_shard
 
     summary = summarize_shard(folder, t.group_by, rejects.summary())
     summary["left_pending"] = sum(doc_id not in done for doc_id in seen)
     summary["stopped_early"] = stopped
+    if rejects.unreadable_files:  # the rest of those files was never seen: not complete
+        raise TptError(
+            f"shard {index}/{count}: these input files could not be read to their end: "
+            f"{'; '.join(rejects.unreadable_files)}; the documents read are committed: fix the "
+            "files and run again for the rest"
+        )
     return summary
 
 
@@ -417,9 +442,10 @@ def _remote_slots(
     results: queue.Queue = queue.Queue()
 
     def run(doc: Document) -> None:
-        prompt, truncated = prompt_of(doc)
-        slot = _Slot(doc, len(tokenizer.encode(prompt)) if tokenizer else 0, truncated)
+        slot = _Slot(doc, 0, False)
         try:
+            prompt, slot.truncated = prompt_of(doc)
+            slot.prompt_tokens = len(tokenizer.encode(prompt)) if tokenizer else 0
             reply = backend.complete(prompt, t.max_new_tokens, document_seed(t.seed, doc.id))
             slot.completion, slot.tokens = reply, reply.tokens or []
         except BackendError as e:
@@ -428,7 +454,7 @@ def _remote_slots(
         except TptError as e:  # a configuration error: every request would fail the same way
             results.put(e)
             return
-        except Exception as e:  # never lose the run to one request: the document stays pending
+        except Exception as e:  # never lose the run, or hang it, for one document: it stays pending
             tqdm.write(f"tpt think: {doc.id} left pending: {type(e).__name__}: {e}")
             slot.failed = True
         results.put(slot)

@@ -9,7 +9,9 @@ devices resumes on 4.
 from __future__ import annotations
 
 import os
+import time
 
+import fsspec
 import jax
 import orbax.checkpoint as ocp
 
@@ -51,6 +53,17 @@ class RunCheckpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
 
+    def read_meta(self, step: int) -> dict:
+        """The step's metadata (data position, config) alone, before its arrays are restored."""
+        where = os.path.join(self.directory, str(step))
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+            raise CheckpointUnreadableError(f"{where}: {_first_line(e)}") from e
+        return restored["meta"]
+
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restores `step` onto abstract_state's shardings; refuses a checkpoint of other shapes.
 
@@ -60,7 +73,7 @@ class RunCheckpoints:
         where = os.path.join(self.directory, str(step))
         try:
             saved = self._manager.item_metadata(step)["state"]
-        except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+        except Exception as e:
             raise CheckpointUnreadableError(f"{where}: {_first_line(e)}") from e
         tree = getattr(saved, "tree", saved)
         if tree is None or "params" not in tree:
@@ -72,11 +85,29 @@ class RunCheckpoints:
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:
+            if "tree structures do not match" in str(e):  # other settings, not damage
+                raise CheckpointError(
+                    f"{where}: its optimizer state does not fit this config's optimizer "
+                    "settings; resume with the run's settings"
+                ) from None
             raise CheckpointUnreadableError(f"{where}: {_first_line(e)}") from e
         return restored["state"], restored["meta"]
 
-    def delete(self, step: int) -> None:
-        self._manager.delete(step)
+    def set_aside(self, step: int) -> str:
+        """Renames an unreadable step out of Orbax's view (to `<step>.unreadable-<time>`): the
+        run saves that step again, and the files stay for a look (or a move back) instead of
+        being deleted on what may have been a storage hiccup."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.unreadable-{int(time.time())}"
+        if jax.process_index() == 0:
+            fs, inner = fsspec.core.url_to_fs(src)
+            fs.mv(inner, fsspec.core.url_to_fs(dst)[1], recursive=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"tpt set aside {step}")
+        self._manager.reload()
+        return dst
 
     def remove_unfinished(self) -> list[str]:
         """Deletes the folders of saves that never finished (a process killed mid-save).

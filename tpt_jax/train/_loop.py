@@ -280,7 +280,11 @@ def _initial_state(
     cfg: Config, run_dir: str, checkpoints: RunCheckpoints, abstract, shardings, tx
 ) -> tuple[object, int | None]:
     """(state, step of the checkpoint it was restored from, or None for a fresh start)."""
-    resumed = restore_newest_good(checkpoints, abstract, _log)
+
+    def check_config(saved: dict, step: int) -> None:  # raises on settings that alter the run
+        accept_config(cfg, run_dir, step, saved, _log, record=False)
+
+    resumed = restore_newest_good(checkpoints, abstract, _log, check_config)
     if resumed is not None:
         state, meta, step, skipped = resumed
         if int(meta["data_position"]) != step:
@@ -289,7 +293,7 @@ def _initial_state(
             )
         accept_config(cfg, run_dir, step, meta["config"], _log)
         for bad in skipped:  # only now: a refused resume leaves the run folder as it was
-            checkpoints.delete(bad)
+            _log(f"train: set checkpoint step {bad} aside as {checkpoints.set_aside(bad)}")
         _log(f"train: resumed from step {step} ({checkpoints.directory})")
         return state, step
     if cfg.checkpoint.init_from:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tpt_jax import storage
 from tpt_jax.config import Config, to_dict
@@ -28,6 +30,7 @@ FREE_KEYS = (
     "train.max_steps_per_run",
     "train.eval_every",
     "train.eval_batches",
+    "train.seed",  # draws the initial parameters only: a resumed run restores them
     "checkpoint",  # where and how often state is saved (and this very switch)
     "logging",
     "mesh",  # the same global batch on another layout: DESIGN.md's elastic resume
@@ -38,6 +41,7 @@ FREE_KEYS = (
     "model.splash_block_q",
     "model.splash_block_kv",
     "model.splash_block_kv_compute",
+    "model.splash_fused_bwd",
     "model.scan_unroll",
     "model.loss_chunk",
     "data.strict",  # used by `tpt prepare` only
@@ -46,6 +50,7 @@ FREE_KEYS = (
 )
 
 CHANGES_FILE = "config_changes.jsonl"
+READ_RETRY_PAUSES_S = (1.0, 4.0)  # before a checkpoint that cannot be read is passed over
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -89,37 +94,74 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def restore_newest_good(checkpoints: RunCheckpoints, abstract, log: Callable[[str], None]):
+def _everywhere(good: bool) -> bool:
+    """Whether every process found the checkpoint good: all must resume from the same step."""
+    if jax.process_count() == 1:
+        return good
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(good))))
+
+
+def _read(what: Callable, log) -> object:
+    """`what()`, tried again after a pause when it cannot read the files: a storage error may pass
+    (a 503 from GCS), and a checkpoint must not be passed over for one."""
+    for attempt, pause in enumerate(READ_RETRY_PAUSES_S):
+        try:
+            return what()
+        except CheckpointUnreadableError as e:
+            log(
+                f"train: {e}; reading again in {pause:.0f}s ({attempt + 1}/{len(READ_RETRY_PAUSES_S)})"
+            )
+            time.sleep(pause)
+    return what()
+
+
+def restore_newest_good(
+    checkpoints: RunCheckpoints, abstract, log: Callable[[str], None], check_config
+):
     """(state, meta, step, skipped steps) of the newest checkpoint that restores with finite
     parameters, or None when there is none.
 
-    The caller deletes the skipped steps once it goes ahead: the run is about to save those steps
-    again, and Orbax refuses to write a step that exists. Raises CheckpointError when steps exist
-    but none is good.
+    Each step's settings pass `check_config(saved config, step)` (which raises to refuse them)
+    before its arrays are read. Steps that cannot be read (after retries) or hold non-finite
+    parameters are skipped; the caller sets them aside once it goes ahead (the run saves those
+    steps again, and Orbax refuses to write a step that exists). Raises CheckpointError when
+    steps exist but none is good.
     """
     steps = sorted(checkpoints.all_steps(), reverse=True)
     skipped = []
     for step in steps:
+        found = None
         try:
-            state, meta = checkpoints.restore(step, abstract)
+            meta = _read(lambda s=step: checkpoints.read_meta(s), log)
+            check_config(meta["config"], step)
+            state, meta = _read(lambda s=step: checkpoints.restore(s, abstract), log)
+            if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params)):
+                found = (state, meta, step, skipped)
+            else:
+                reason = "its parameters are not finite"
         except CheckpointUnreadableError as e:
             reason = str(e)
-        else:
-            if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params)):
-                return state, meta, step, skipped
-            reason = "its parameters are not finite"
-        log(f"train: skipped checkpoint step {step} (removed once the run goes on): {reason}")
+        if _everywhere(found is not None):
+            return found
+        if found is not None:
+            reason = "another process could not read it"
+        log(f"train: skipped checkpoint step {step} (set aside once the run goes on): {reason}")
         skipped.append(step)
     if skipped:
         raise CheckpointError(
             f"{checkpoints.directory}: no checkpoint restores (steps {', '.join(map(str, steps))}); "
-            "move the folder away to start the run again"
+            "check the storage, or move the folder away to start the run again"
         )
     return None
 
 
-def accept_config(cfg: Config, run_dir: str, step: int, saved: dict, log) -> None:
-    """Refuses a resume that changes the run, or records the change when the config allows it."""
+def accept_config(
+    cfg: Config, run_dir: str, step: int, saved: dict, log, record: bool = True
+) -> None:
+    """Refuses a resume that changes the run, or (`record`) records the change when the config
+    allows it."""
     changes = changed_settings(saved, cfg)
     if not changes:
         return
@@ -130,6 +172,8 @@ def accept_config(cfg: Config, run_dir: str, step: int, saved: dict, log) -> Non
             "rerun with the run's settings, or set checkpoint.allow_config_change=true to "
             "continue with the new ones"
         )
+    if not record:
+        return
     if jax.process_index() == 0:
         path = os.path.join(run_dir, CHANGES_FILE)
         # Object stores cannot append: rewrite the whole (small) file.
