@@ -304,3 +304,21 @@ def test_shards_of_different_vocabularies_make_no_manifest(tmp_path):
     with pytest.raises(PreparedDataError, match=r"sha256:0.*sha256:1"):
         write_manifest(cfg, stats)
     assert not (tmp_path / "prepared" / "manifest.json").exists()
+
+
+def test_a_folder_prepared_with_another_config_is_one_line(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    config = _setup(tmp_path)
+    (tmp_path / "c0.jsonl").write_bytes(_jsonl(_docs(0)))
+    assert _prepare(config, capsys)[0] == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "tpt_jax", "prepare", config, "train.seq_len=64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("tpt: error: ")
+    assert "prepared with another config" in result.stderr

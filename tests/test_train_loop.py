@@ -82,7 +82,11 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
 def test_checkpoint_of_other_shapes_is_refused(tmp_path):
     assert _tpt_train(tmp_path, "run", "train.steps=2").returncode == 0
     result = _tpt_train(tmp_path, "run", "train.steps=4", "model.mlp_dim=96")
-    assert result.returncode == 2
+    assert result.returncode == 2  # a changed model is refused as a changed setting first
+    assert "model.mlp_dim 192 -> 96" in result.stderr.strip().splitlines()[-1]
+    allowed = ("train.steps=4", "model.mlp_dim=96", "checkpoint.allow_config_change=true")
+    result = _tpt_train(tmp_path, "run", *allowed)
+    assert result.returncode == 2  # allowed, it still cannot restore other shapes
     message = result.stderr.strip().splitlines()[-1]
     assert (
         "['layers']['mlp']['down']['kernel'] has shape [2, 192, 64] in the checkpoint but [2, 96, 64]"

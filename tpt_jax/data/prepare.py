@@ -157,11 +157,10 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
 
     task = tasks.private_task(dataclasses.replace(cfg.data, vocab_path=vocab_path), task_name)
     files = task.source.list_shards("train")[index::count]
-    if files != [input_path]:
-        raise PreparedDataError(
-            f"the input files of task {task_name} changed during `tpt prepare` ({input_path} is "
-            f"now {files}); run it again"
-        )
+    if files != [input_path]:  # reported by the driver in one line, like an unreadable input
+        message = f"the input files of task {task_name} changed during `tpt prepare` ({input_path} is now {files}); run it again"
+        storage.write_bytes(os.path.join(root, name + ".error"), message.encode())
+        return {"error": message}
     rejects_path = _rejects_path(root, name)
     if rejects_path and os.path.exists(rejects_path):
         os.remove(rejects_path)  # an earlier build's report; this build writes its own, if any
@@ -249,6 +248,7 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
     if not cfg.data.prepared_dir:
         raise PreparedDataError("data.prepared_dir is empty: set where prepared shards go")
     items, missing = work_items(cfg)
+    _check_config_hash(cfg)
     options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
     _take_errors(cfg, items)  # stale reports of an earlier run
     with beam.Pipeline(options=options) as pipeline:
@@ -274,6 +274,20 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
         for item in items
     ]
     return write_manifest(cfg, stats, missing)
+
+
+def _check_config_hash(cfg: Config) -> None:
+    """Refuses, before the pipeline starts, a folder prepared with another config (inside the
+    pipeline the same refusal would come wrapped in the runner's traceback)."""
+    expected = config_hash(cfg)
+    for stats_path in storage.glob(os.path.join(cfg.data.prepared_dir, "*", "*.array_record.json")):
+        found = storage.read_json(stats_path).get("config_hash")
+        if found != expected:
+            raise PreparedDataError(
+                f"{stats_path} was prepared with another config ({found} != {expected}); "
+                "use a new data.prepared_dir"
+            )
+        return  # one shard tells: every work item checks its own again
 
 
 def _take_errors(cfg: Config, items: list[tuple[str, int, int, str]]) -> list[str]:
