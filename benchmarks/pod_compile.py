@@ -112,18 +112,19 @@ def build_maxtext_venv(venv: Path) -> Path:
         )  # fmt: skip
         wheel = next(Path(wheels).glob("maxtext-*.whl"))
         subprocess.run([*pip, "--no-deps", "--ignore-requires-python", str(wheel)], check=True)
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    site = _printed(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     for name in ("api.py", "common.py"):  # PEP 695 `type X = ...` -> `X = ...`
         path = Path(site) / "maxtext" / "kernels" / "mhc" / name
         lines = path.read_text().splitlines(keepends=True)
         path.write_text("".join(line[5:] if line.startswith("type ") else line for line in lines))
     stamp.write_text("ok\n")
     return python
+
+
+def _printed(python: Path, code: str) -> str:
+    """What `code` prints when run by the MaxText venv's interpreter."""
+    run = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True)
+    return run.stdout.strip()
 
 
 def maxtext_compile(python: Path, work: Path, topology: str, args: list[str]) -> dict:
@@ -142,12 +143,7 @@ def maxtext_compile(python: Path, work: Path, topology: str, args: list[str]) ->
         return result
     driver = work / "driver.py"
     driver.write_text(_DRIVER)
-    base = subprocess.run(
-        [str(python), "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    base = _printed(python, "import maxtext, os; print(os.path.dirname(maxtext.__file__))")
     argv = [
         f"{base}/configs/base.yml",
         f"compile_topology={topology}",

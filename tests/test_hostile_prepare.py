@@ -89,12 +89,18 @@ def _mtimes(root) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
 
 
-def test_vocab_rewritten_in_place_rebuilds_the_shards(tmp_path, capsys):
-    config = _setup(tmp_path)
+def _prepared_from_two_files(root, capsys) -> tuple[str, list[list[str]]]:
+    """A config over c0.jsonl and c1.jsonl, prepared once; (config path, each file's texts)."""
+    config = _setup(root)
     docs = [_docs(0), _docs(1)]
     for i, texts in enumerate(docs):
-        (tmp_path / f"c{i}.jsonl").write_bytes(_jsonl(texts))
+        (root / f"c{i}.jsonl").write_bytes(_jsonl(texts))
     assert _prepare(config, capsys)[0] == 0
+    return config, docs
+
+
+def test_vocab_rewritten_in_place_rebuilds_the_shards(tmp_path, capsys):
+    config, docs = _prepared_from_two_files(tmp_path, capsys)
     old = vocab.checksum((tmp_path / "spm.model").read_bytes())
 
     new = _train_vocab(tmp_path / "spm.model", 300, 1)  # `tpt vocab train` to the same path
@@ -111,11 +117,7 @@ def test_vocab_rewritten_in_place_rebuilds_the_shards(tmp_path, capsys):
 
 
 def test_changed_input_rebuilds_only_its_shard(tmp_path, capsys):
-    config = _setup(tmp_path)
-    docs = [_docs(0), _docs(1)]
-    for i, texts in enumerate(docs):
-        (tmp_path / f"c{i}.jsonl").write_bytes(_jsonl(texts))
-    assert _prepare(config, capsys)[0] == 0
+    config, docs = _prepared_from_two_files(tmp_path, capsys)
     first = _mtimes(tmp_path)
     manifest = (tmp_path / "prepared" / "manifest.json").read_text()
 

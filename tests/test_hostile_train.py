@@ -13,24 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train_loop import BASE as LOOP_BASE
+from test_train_loop import CONFIG
 
 from tpt_jax.config import load_config
 from tpt_jax.errors import ConfigError
 from tpt_jax.train import RunCheckpoints, TrainingDivergedError, restore_latest, train
 from tpt_jax.train.run import synthetic_sources
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "models", "tiny.yaml")
-BASE = [
-    "train.global_batch=8",
-    "train.seq_len=32",
-    "schedule.kind=cosine",
-    "schedule.peak_lr=3e-3",
-    "schedule.warmup_steps=2",
-    "checkpoint.save_every=2",
-    "logging.log_every=1",
-    "logging.tensorboard=false",
-]
+BASE = [*LOOP_BASE, "logging.tensorboard=false"]
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 

@@ -181,3 +181,29 @@ think:
     assert proc.returncode == 0, out[-3000:]
     ids = [r["id"] for r in committed_records(folder)]
     assert len(ids) == len(set(ids)) == 60
+
+
+def test_two_processes_agree_to_pass_over_a_damaged_checkpoint(tmp_path):
+    """Both processes find the newest step unreadable, set it aside together and resume from the
+    previous one: the run's losses equal a single process's uninterrupted run."""
+    config, single = _config(tmp_path, "single", steps=6)
+    proc = _tpt("train", config, env=_env(4))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+
+    first, multi = _config(tmp_path, "multi", steps=4)
+    _two_processes("train", first)
+    folder = multi / "checkpoints"
+    for root, _, names in os.walk(folder / "4" / "state"):
+        for name in names:  # a failed upload: step 4's array chunks are empty
+            if f"{os.sep}d{os.sep}" in os.path.join(root, name) + os.sep:
+                open(os.path.join(root, name), "w").close()
+    second, _ = _config(tmp_path, "multi", steps=6)
+    outputs = _two_processes("train", second)
+    out = outputs[0]  # process 0 logs for the run; both exited 0 (_two_processes)
+    assert "skipped checkpoint step 4" in out and "resumed from step 2" in out, out[-3000:]
+    assert sorted(n for n in os.listdir(folder) if n.isdigit()) == ["2", "4", "6"]
+    assert len([n for n in os.listdir(folder) if n.startswith("4.unreadable-")]) == 1
+    expected, got = _losses(single), _losses(multi)
+    for step in range(1, 7):
+        assert abs(got[step] - expected[step]) < 1e-5, (step, got[step], expected[step])

@@ -42,6 +42,12 @@ def write_bytes(path: str, data: bytes, exclusive: bool = False) -> None:
     os.replace(path + ".tmp", path)
 
 
+def append_text(path: str, text: str) -> None:
+    """Adds `text` to the end of a small log file (object stores cannot append: rewritten whole)."""
+    old = read_text(path) if exists(path) else ""
+    write_bytes(path, (old + text).encode())
+
+
 def exists(path: str) -> bool:
     fs, inner = fsspec.core.url_to_fs(path)
     return fs.exists(inner)

@@ -227,8 +227,8 @@ def work_items(cfg: Config) -> tuple[list[tuple[str, int, int, str]], list[str]]
     items, missing = [], []
     for task_name in dict.fromkeys(m.task for m in cfg.data.mixture):
         source = registered[task_name].source
-        for pattern in source.corpus.paths:
-            if pattern not in missing and not readers.expand([pattern], RejectLog()):
+        for pattern in readers.unmatched(source.corpus.paths):
+            if pattern not in missing:
                 RejectLog(strict=cfg.data.strict).reject(
                     pattern, None, "missing file: no file matches this path"
                 )

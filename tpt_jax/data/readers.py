@@ -71,6 +71,11 @@ def expand(patterns: Sequence[str], rejects: RejectLog) -> list[str]:
     return files
 
 
+def unmatched(patterns: Sequence[str]) -> list[str]:
+    """The patterns that match no file (a typo, a path relative to another folder)."""
+    return [p for p in dict.fromkeys(patterns) if not expand([p], RejectLog())]
+
+
 def read_records(path: str, rejects: RejectLog) -> Iterator[tuple[int, dict]]:
     """(line or row number, JSON object) for every well-formed record of one file."""
     name = path.lower()

@@ -35,7 +35,7 @@ from tpt_jax.lock import FolderBusyError, FolderLock
 from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.think.backends import Completion
 from tpt_jax.think.generate import SamplingParams
-from tpt_jax.think.prompts import load_template, render
+from tpt_jax.think.prompts import load_template, prefill_length, render
 from tpt_jax.think.tokenizer import GeneratorTokenizer, cut_at_stop
 
 THINK_OPEN = "<think>"
@@ -158,8 +158,7 @@ def check_settings(folder: str, settings: dict, allow_change: bool) -> None:
             )
         log = os.path.join(folder, "settings_changes.jsonl")
         entry = json.dumps({"time": time.time(), "before": before, "after": settings}) + "\n"
-        old = storage.read_text(log) if storage.exists(log) else ""
-        storage.write_bytes(log, (old + entry).encode())
+        storage.append_text(log, entry)
         tqdm.write(f"tpt think: settings changed in {folder} ({diff}); recorded in {log}")
     elif _chunks(folder) and not allow_change:
         # Output of a version that kept no record (and assigned shards by position): adding to
@@ -173,13 +172,11 @@ def check_settings(folder: str, settings: dict, allow_change: bool) -> None:
 
 def _check_inputs(patterns: list[str]) -> None:
     """Every corpus pattern must match a file: a typo would otherwise pass as 'nothing to do'."""
-    from tpt_jax.data.readers import expand
+    from tpt_jax.data.readers import unmatched
 
-    for pattern in patterns:
-        probe = RejectLog()
-        if not expand([pattern], probe):
-            where = "" if "://" in pattern or os.path.isabs(pattern) else f" (from {os.getcwd()})"
-            raise TptError(f"think.corpus.paths: {pattern!r} matches no file{where}")
+    for pattern in unmatched(patterns):
+        where = "" if "://" in pattern or os.path.isabs(pattern) else f" (from {os.getcwd()})"
+        raise TptError(f"think.corpus.paths: {pattern!r} matches no file{where}")
 
 
 @dataclasses.dataclass
@@ -370,8 +367,9 @@ def _local_slots(
 
     t = cfg.think
     model_cfg, model_params = load_generator(t.model_dir, t.dtype)
-    overhead = len(tokenizer.encode(prompt_of(Document("", "", None, {}, "", 0))[0]))
-    max_prefill = 1 << (overhead + t.max_document_tokens + 16).bit_length()
+    max_prefill = prefill_length(
+        load_template(t.template), tokenizer, t.max_document_tokens, t.chat_template
+    )
     engine = SlotEngine(
         model_cfg,
         model_params,

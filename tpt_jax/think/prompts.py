@@ -91,3 +91,13 @@ def render(
         at = focus_position(document, seed)
         values["document_with_focus"] = f"{document[:at]}{FOCUS_MARKER} {document[at:]}"
     return template.text.format(**values)
+
+
+def prefill_length(template: Template, tokenizer, max_document_tokens: int, chat: bool) -> int:
+    """Prompt tokens to provision (a power of two): a document of `max_document_tokens` inside
+    the template (and the chat template), plus slack for tokens merging across its edges. The
+    offline engine and `tpt serve` size their prefill with it."""
+    prompt = render(template, "")
+    if chat:
+        prompt = tokenizer.chat(prompt)
+    return 1 << (len(tokenizer.encode(prompt)) + max_document_tokens + 16).bit_length()

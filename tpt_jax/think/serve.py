@@ -183,20 +183,18 @@ class GrpcServer:
 
 
 def default_prefill_length(cfg: Config, tokenizer: GeneratorTokenizer) -> int:
-    """The smallest power of two holding a `tpt think` prompt of a full-length document, with
-    the same slack as the offline driver (a token may merge across the document's edges)."""
-    from tpt_jax.think.prompts import load_template, render
+    """What `tpt think` provisions for a prompt of a full-length document (prompts.prefill_length)."""
+    from tpt_jax.think.prompts import load_template, prefill_length
 
-    prompt = render(load_template(cfg.think.template), "")
-    if cfg.think.chat_template:
-        prompt = tokenizer.chat(prompt)
-    overhead = len(tokenizer.encode(prompt))
-    length = 1 << (overhead + cfg.think.max_document_tokens + 16).bit_length()
+    t = cfg.think
+    length = prefill_length(
+        load_template(t.template), tokenizer, t.max_document_tokens, t.chat_template
+    )
     if length > JETSTREAM_PREFILL_BUCKETS[-1]:
         raise ConfigError(
-            f"config key 'think.max_document_tokens': {cfg.think.max_document_tokens} tokens plus "
-            f"the template's {overhead} exceed JetStream's longest prefill "
-            f"({JETSTREAM_PREFILL_BUCKETS[-1]} tokens); lower it or pass --max-prefill-length"
+            f"config key 'think.max_document_tokens': {t.max_document_tokens} tokens and the "
+            f"template need a prefill of {length} tokens, over JetStream's longest "
+            f"({JETSTREAM_PREFILL_BUCKETS[-1]}); lower it or pass --max-prefill-length"
         )
     return length
 

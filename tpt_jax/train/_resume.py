@@ -175,12 +175,11 @@ def accept_config(
     if not record:
         return
     if jax.process_index() == 0:
-        path = os.path.join(run_dir, CHANGES_FILE)
-        # Object stores cannot append: rewrite the whole (small) file.
-        text = storage.read_text(path) if storage.exists(path) else ""
-        for key, (old, new) in changes.items():
-            text += json.dumps({"step": step, "key": key, "old": old, "new": new}) + "\n"
-        storage.write_bytes(path, text.encode())
+        lines = (
+            json.dumps({"step": step, "key": key, "old": old, "new": new}) + "\n"
+            for key, (old, new) in changes.items()
+        )
+        storage.append_text(os.path.join(run_dir, CHANGES_FILE), "".join(lines))
         # config.yaml is about to describe the new settings; keep the one that made these steps.
         previous = os.path.join(run_dir, "config.yaml")
         if storage.exists(previous):
