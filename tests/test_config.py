@@ -175,7 +175,9 @@ def test_eval_without_tasks_and_bad_eval_keys_say_so(tmp_path):
 
 
 def test_pod_config_is_checked_against_its_topology():
-    result = _tpt("config", "configs/experiments/pretrain_8b_tpt.yaml")
+    result = _tpt(
+        "config", "configs/experiments/pretrain_8b_tpt.yaml", "run.root=gs://my-bucket/tpt"
+    )
     assert result.returncode == 0, result.stderr
     assert "valid for 64 devices; mesh fsdp=64" in result.stdout
     result = _tpt("config", "configs/experiments/pretrain_8b_tpt.yaml", "mesh.topology=v5p-100x")

@@ -47,15 +47,19 @@ def test_local_training_variant_runs_one_step(name, tmp_path):
     from tpt_jax.train.run import run_training
 
     config = os.path.join(ROOT, "configs", "experiments", "local", f"{name}.yaml")
-    cfg = load_config(config, [f"checkpoint.output_dir={tmp_path}", "train.steps=1"])
-    result = run_training(cfg, config, quiet_config=True)
+    # The prepared data these twins read is made by the walkthrough (tests/test_walkthrough.py);
+    # here each one's model, mesh and schedule take a step on the built-in stream.
+    cfg = load_config(config, [f"run.root={tmp_path}", "train.steps=1", "data.source=synthetic"])
+    result = run_training(cfg, quiet_config=True)
     assert result.final_step == 1 and result.last_loss > 0
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("think")])
 def test_local_thinking_variant_runs(name, tmp_path):
     config = os.path.join(ROOT, "configs", "experiments", "local", f"{name}.yaml")
-    args = [sys.executable, "-m", "tpt_jax", "think", config, f"think.output_dir={tmp_path}"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    args = [sys.executable, "-m", "tpt_jax", "think", config, f"run.root={tmp_path}"]
+    # From another folder: the twin's bundled corpus resolves against the config file.
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert glob.glob(str(tmp_path / name / "thinking" / "shard-*" / "chunk-*.jsonl"))
     assert "think: 32 documents" in result.stdout, result.stdout

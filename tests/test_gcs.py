@@ -76,7 +76,7 @@ data:
     stored = json.loads(gcs.cat("bucket/prepared/manifest.json"))
     assert stored == manifest
 
-    # The loader reads the shards from gs:// (through a local copy) exactly as from a local dir.
+    # The loader reads the rows straight from gs:// exactly as from a local dir.
     from tpt_jax.config import MixtureComponent
     from tpt_jax.data.loader import MixedRows, batches
 
@@ -87,6 +87,91 @@ data:
     pairs = zip(batches(remote, 0, 4, 0, 1), batches(local, 0, 4, 0, 1), strict=False)
     for a, b in itertools.islice(pairs, 3):
         assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+
+
+def test_each_process_reads_only_its_rows_from_gcs(gcs, tmp_path, monkeypatch):
+    """Two processes (0 and 1 of 2) read their halves of each global batch straight from gs://:
+    per step at most 1.5x the bytes of their rows (besides one header per file), never a whole
+    shard, and the same batches as from a local copy of the folder."""
+    import gcsfs
+    import numpy as np
+
+    from tpt_jax.config import MixtureComponent
+    from tpt_jax.data import rows
+    from tpt_jax.data.loader import MixedRows, batches
+    from tpt_jax.data.packing import pack
+    from tpt_jax.data.prepare import PREPARED_FORMAT
+
+    # A prepared folder of two tasks, two shards each, written with the rows writer.
+    rng = np.random.default_rng(0)
+    seq, files = 32, []
+    for task in ("a", "b"):
+        for part in range(2):
+            samples = [
+                rng.integers(1, 290, int(n)).astype(np.int32) for n in rng.integers(1, 60, 80)
+            ]
+            packed = np.stack(pack(samples, seq)[0])
+            name = f"{task}/part{part}.rows"
+            rows.write(f"gs://bucket/twohosts/{name}", rows.encode(packed, "uint16"))
+            files.append((task, name, len(packed)))
+    manifest = {
+        "format": PREPARED_FORMAT, "seq_len": seq, "vocab_checksum": "sha256:x",
+        "tasks": {
+            t: {"rows": sum(n for u, _, n in files if u == t),
+                "files": [{"path": p, "rows": n} for u, p, n in files if u == t]}
+            for t in ("a", "b")
+        },
+    }  # fmt: skip
+    gcs.pipe("bucket/twohosts/manifest.json", json.dumps(manifest).encode())
+    gcs.get("bucket/twohosts", str(tmp_path / "twohosts"), recursive=True)
+    shard_bytes = min(gcs.size(f"bucket/twohosts/{p}") for _, p, _ in files)
+
+    reads = []
+    real = gcsfs.GCSFileSystem._cat_file
+
+    async def counted(self, path, start=None, end=None, **kwargs):
+        data = await real(self, path, start=start, end=end, **kwargs)
+        if "twohosts" in path and path.endswith(".rows"):
+            reads.append((path, start, end, len(data)))
+        return data
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_cat_file", counted)
+    batched = []  # the files of each RowsReader.read call: one per shard per step
+    read = rows.RowsReader.read
+    monkeypatch.setattr(
+        rows.RowsReader, "read", lambda self, i: batched.append(self.path) or read(self, i)
+    )
+    mixture = [MixtureComponent(task="a", rate=1.0), MixtureComponent(task="b", rate=0.5)]
+    row_bytes = rows.row_dtype(seq, "uint16").itemsize
+    batch, steps = 16, 5
+    for process in (0, 1):
+        remote = MixedRows("gs://bucket/twohosts", mixture, 3, seq)
+        local = MixedRows(str(tmp_path / "twohosts"), mixture, 3, seq)
+        stream = batches(remote, 0, batch, process, 2, prefetch=0)
+        headers: set[str] = set()
+        for step in range(steps):
+            reads.clear()
+            batched.clear()
+            got = next(stream)
+            assert len(batched) == len(set(batched)) > 0
+            want = next(batches(local, step, batch, process, 2, prefetch=0))
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+            for path, start, end, _ in reads:
+                assert start is not None and end is not None and end - start < shard_bytes
+                if (start, end) == (0, rows.HEADER_BYTES):
+                    assert path not in headers  # the header once per file
+                    headers.add(path)
+            body = sum(n for _, start, _, n in reads if start != 0)
+            share = batch // 2 * row_bytes
+            assert 0 < body <= 1.5 * share, (step, body, share)  # rows read twice: once
+    for process in (0, 1):  # with prefetch (background reads: not counted per step)
+        remote = MixedRows("gs://bucket/twohosts", mixture, 3, seq)
+        local = MixedRows(str(tmp_path / "twohosts"), mixture, 3, seq)
+        prefetched = batches(remote, 0, batch, process, 2)
+        for step in range(steps):
+            want = next(batches(local, step, batch, process, 2, prefetch=0))
+            got = next(prefetched)
+            assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_array_record_corpus_on_gcs(gcs, tmp_path):
@@ -181,11 +266,11 @@ def test_training_checkpoints_and_logs_on_gcs(gcs, tmp_path):
         "checkpoint.output_dir=gs://bucket/runs", "checkpoint.run_name=r",
         "checkpoint.save_every=2", "logging.log_every=1",
     ]  # fmt: skip
-    first = run_training(load_config(base, [*overrides, "train.steps=4"]), None, quiet_config=True)
+    first = run_training(load_config(base, [*overrides, "train.steps=4"]), quiet_config=True)
     assert first.run_dir == "gs://bucket/runs/r" and first.final_step == 4
     assert sorted(p.rsplit("/", 1)[-1] for p in gcs.ls("bucket/runs/r/checkpoints")) == ["2", "4"]
     cfg = load_config(base, [*overrides, "train.steps=6"])
-    second = run_training(cfg, None, quiet_config=True)
+    second = run_training(cfg, quiet_config=True)
     assert (second.start_step, second.final_step) == (4, 6)
     lines = gcs.cat("bucket/runs/r/metrics.jsonl").decode().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]

@@ -10,8 +10,7 @@ from tpt_jax.think.tokenizer import GeneratorTokenizer
 
 
 def test_prepare_with_a_tokenizer_json(tmp_path):
-    from array_record.python import array_record_module
-
+    from tpt_jax.data import rows
     from tpt_jax.data.prepare import run_prepare
 
     make_generator(str(tmp_path / "gen"))
@@ -37,10 +36,10 @@ data:
     samples = [tok.encode(f"{d['text']} <think> {d['thinking']} </think>") for d in docs]
     task = manifest["tasks"]["c_tpt"]
     assert task["documents"] == 2 and task["tokens"] == sum(len(s) + 1 for s in samples)
-    reader = array_record_module.ArrayRecordReader(
-        str(tmp_path / "prepared" / task["files"][0]["path"])
-    )
-    row = np.frombuffer(reader.read(), np.int32).reshape(3, 64)  # inputs, targets, segments
-    targets = row[1][row[2] > 0].tolist()
+    reader = rows.RowsReader(str(tmp_path / "prepared" / task["files"][0]["path"]))
+    fields = rows.decode(reader.read(np.array([0])))
+    targets = fields["targets"][fields["segment_ids"] > 0].tolist()
     expected = [t for s in samples for t in (*s, tok.eos_id)]
     assert targets == expected  # the model's own ids, EOS after each sample
+    pieces = len(json.loads((tmp_path / "gen" / "tokenizer.json").read_text())["model"]["vocab"])
+    assert reader.meta["token_dtype"] == rows.token_dtype(pieces)

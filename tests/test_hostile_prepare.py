@@ -13,8 +13,7 @@ import zstandard
 
 from tpt_jax import cli
 from tpt_jax.config import MixtureComponent
-from tpt_jax.data import loader, vocab
-from tpt_jax.data.packing import row_to_batch_fields
+from tpt_jax.data import loader, rows, vocab
 from tpt_jax.data.prepare import shard_name
 
 SEQ = 32
@@ -61,16 +60,12 @@ def _prepare(config, capsys) -> tuple[int, str]:
 
 def _decoded_documents(root) -> list[str]:
     """Every document in the prepared rows, decoded with the vocabulary at data.vocab_path."""
-    from array_record.python import array_record_module
-
     manifest = json.loads((root / "prepared" / "manifest.json").read_text())
     sp = spm.SentencePieceProcessor(model_file=str(root / "spm.model"))
     texts = []
     for f in manifest["tasks"]["toy_vanilla"]["files"]:
-        reader = array_record_module.ArrayRecordReader(str(root / "prepared" / f["path"]))
-        rows = np.stack([np.frombuffer(r, np.int32).reshape(3, SEQ) for r in reader.read_all()])
-        reader.close()
-        fields = row_to_batch_fields(rows)
+        reader = rows.RowsReader(str(root / "prepared" / f["path"]), f["rows"])
+        fields = rows.decode(reader.read(np.arange(len(reader))))
         tokens = fields["targets"][fields["segment_ids"] > 0].tolist()
         while tokens:  # one document per EOS-terminated run of tokens
             end = tokens.index(vocab.EOS_ID)
@@ -224,7 +219,7 @@ def test_rejects_are_rewritten_not_appended(tmp_path, capsys):
     texts = _docs(0)
     (tmp_path / "c0.jsonl").write_bytes(_jsonl(texts, bad_lines=2))
     assert _prepare(config, capsys)[0] == 0
-    name = "toy_vanilla-" + _shard(tmp_path, "c0.jsonl").replace(".array_record", ".tsv")
+    name = "toy_vanilla-" + _shard(tmp_path, "c0.jsonl").replace(".rows", ".tsv")
     report = tmp_path / "prepared" / "rejects" / name
     first = report.read_text()
     assert first.count("malformed JSON") == 2
@@ -260,11 +255,11 @@ def test_rows_are_durable_before_the_stats_mark_the_shard_done(tmp_path, capsys,
     assert code == 0, err
     folder = str(tmp_path / "prepared" / "toy_vanilla")
     for i in range(2):
-        rows = os.path.join(folder, _shard(tmp_path, f"c{i}.jsonl"))
-        synced = events.index(("fsync", rows + ".tmp"))
-        renamed = events.index(("replace", rows))
+        shard = os.path.join(folder, _shard(tmp_path, f"c{i}.jsonl"))
+        synced = events.index(("fsync", shard + ".tmp"))
+        renamed = events.index(("replace", shard))
         folder_synced = events.index(("fsync", folder), renamed)
-        done = events.index(("replace", rows + ".json"))
+        done = events.index(("replace", shard + ".json"))
         assert synced < renamed < folder_synced < done
 
 
@@ -292,13 +287,48 @@ def test_train_refuses_data_prepared_with_another_vocab(tmp_path, capsys):
     assert prepared_with in err[0] and other in err[0] and str(tmp_path / "prepared") in err[0]
 
 
+def test_train_refuses_a_folder_prepared_in_the_older_format(tmp_path, capsys):
+    """A folder of ArrayRecord shards (no "format" in its manifest): one line, prepare again."""
+    config = _setup(tmp_path)
+    (tmp_path / "c0.jsonl").write_bytes(_jsonl(_docs(0)))
+    assert _prepare(config, capsys)[0] == 0
+    path = tmp_path / "prepared" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["format"]
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    code = cli.main(
+        ["train", config, "data.source=prepared", "model.vocab_size=320", "train.steps=1",
+         f"checkpoint.output_dir={tmp_path}/runs", "logging.tensorboard=false"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert str(tmp_path / "prepared") in err[0] and "run `tpt prepare` again" in err[0]
+
+
+def test_a_shard_of_another_rows_format_is_rebuilt(tmp_path, capsys):
+    config, docs = _prepared_from_two_files(tmp_path, capsys)
+    first = _mtimes(tmp_path)
+    stats_path = tmp_path / "prepared" / "toy_vanilla" / (_shard(tmp_path, "c1.jsonl") + ".json")
+    stats = json.loads(stats_path.read_text())
+    stats["format"] = "tpt-rows-v0"  # as if written by another version of the format
+    stats_path.write_text(json.dumps(stats))
+    code, err = _prepare(config, capsys)
+    assert code == 0, err
+    after = _mtimes(tmp_path)
+    assert after[_shard(tmp_path, "c0.jsonl")] == first[_shard(tmp_path, "c0.jsonl")]
+    assert after[_shard(tmp_path, "c1.jsonl")] != first[_shard(tmp_path, "c1.jsonl")]
+    assert json.loads(stats_path.read_text())["format"] == "tpt-rows-v1"
+    assert _decoded_documents(tmp_path) == docs[0] + docs[1]
+
+
 def test_shards_of_different_vocabularies_make_no_manifest(tmp_path):
     from tpt_jax.config import load_config
     from tpt_jax.data.prepare import PreparedDataError, write_manifest
 
     cfg = load_config(_setup(tmp_path))
     stats = [
-        {"task": "toy_vanilla", "file": f"toy_vanilla/0000{i}-of-00002.array_record", "rows": 1,
+        {"task": "toy_vanilla", "file": f"toy_vanilla/0000{i}-of-00002.rows", "rows": 1,
          "tokens": 3, "documents": 1, "thinking_tokens": 0, "rejected": {},
          "vocab_checksum": f"sha256:{i}"}
         for i in range(2)

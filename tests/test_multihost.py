@@ -134,7 +134,7 @@ def test_think_over_two_processes_covers_the_corpus_once(tmp_path):
     counts = [int(re.search(r"think: (\d+) documents", o).group(1)) for o in outputs]
     assert sum(counts) == 32 and min(counts) > 0, outputs
     ids = [r["id"] for i in range(2) for r in committed_records(shard_folder(str(out), i, 2))]
-    with open(os.path.join(ROOT, "data", "testbed_sample.jsonl")) as f:
+    with open(os.path.join(ROOT, "configs", "experiments", "local", "testbed_sample.jsonl")) as f:
         expected = [json.loads(line)["id"] for line in f]
     assert len(ids) == len(set(ids)) == 32 and set(ids) == set(expected)
 

@@ -1,4 +1,4 @@
-"""`tpt prepare` (Beam, SeqIO, packing, ArrayRecord) and the Grain loader on top of it."""
+"""`tpt prepare` (Beam, SeqIO, packing, rows files) and the Grain loader on top of it."""
 
 import json
 import os
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from tpt_jax.config import MixtureComponent, load_config
-from tpt_jax.data import loader, vocab
-from tpt_jax.data.packing import row_to_batch_fields
+from tpt_jax.data import loader, rows, vocab
 from tpt_jax.data.prepare import shard_name
 
 WORDS = [
@@ -75,14 +74,12 @@ def prepared(tmp_path_factory):
 
 
 def _stored_rows(root, manifest, task):
-    from array_record.python import array_record_module
-
-    rows = []
+    """Every stored record of a task, file after file (rows.row_dtype)."""
+    parts = []
     for f in manifest["tasks"][task]["files"]:
-        reader = array_record_module.ArrayRecordReader(str(root / "prepared" / f["path"]))
-        rows += [np.frombuffer(r, np.int32).reshape(3, SEQ) for r in reader.read_all()]
-        reader.close()
-    return rows
+        reader = rows.RowsReader(str(root / "prepared" / f["path"]), f["rows"])
+        parts.append(reader.read(np.arange(len(reader))))
+    return np.concatenate(parts)
 
 
 def test_manifest_counts_and_rejects(prepared):
@@ -96,7 +93,7 @@ def test_manifest_counts_and_rejects(prepared):
     assert manifest["vocab_checksum"] == vocab.checksum((root / "spm.model").read_bytes())
     name = shard_name("toy_tpt", str(root / "c0.jsonl"))
     rejects = (
-        (root / "prepared" / "rejects" / name.replace("/", "-").replace(".array_record", ".tsv"))
+        (root / "prepared" / "rejects" / name.replace("/", "-").replace(".rows", ".tsv"))
         .read_text()
         .splitlines()
     )
@@ -116,8 +113,7 @@ def test_rows_hold_exactly_the_task_tokens(prepared):
             .get_dataset(sequence_length=None, shuffle=False)
             .as_numpy_iterator()
         ]
-        rows = np.stack(_stored_rows(root, manifest, task_name))
-        fields = row_to_batch_fields(rows)
+        fields = rows.decode(_stored_rows(root, manifest, task_name))
         got = fields["targets"][fields["segment_ids"] > 0]
         np.testing.assert_array_equal(got, np.concatenate(expected))
         assert manifest["tasks"][task_name]["tokens"] == len(got)
@@ -207,9 +203,81 @@ def test_mixture_rates_within_two_percent(prepared):
     owner = {
         r.tobytes(): t for t in ("toy_tpt", "toy_vanilla") for r in _stored_rows(root, manifest, t)
     }
-    rows = _mixed(root).rows(np.arange(10_000))
-    share = np.mean([owner[r.tobytes()] == "toy_tpt" for r in rows])
+    mixed = _mixed(root).rows(np.arange(10_000))
+    share = np.mean([owner[r.tobytes()] == "toy_tpt" for r in mixed])
     assert abs(share - 2 / 3) <= 0.02 * 2 / 3
+
+
+def _take(stream, count):
+    return [next(stream) for _ in range(count)]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_prefetched_batches_equal_unprefetched_ones_and_resume_is_exact(prepared, processes):
+    root, _, _ = prepared
+    data = _mixed(root)
+    for p in range(processes):
+        plain = _take(loader.batches(data, 0, 8, p, processes, prefetch=0), 12)
+        ahead = _take(loader.batches(data, 0, 8, p, processes, prefetch=4), 12)
+        resumed = _take(loader.batches(_mixed(root), 5, 8, p, processes), 7)
+        for a, b in zip(plain, ahead, strict=True):
+            assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+        for a, b in zip(plain[5:], resumed, strict=True):
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+        assert plain[0]["inputs"].shape == (8 // processes, SEQ)
+        assert {k: v.dtype.name for k, v in plain[0].items()} == {
+            "inputs": "int32", "targets": "int32", "segment_ids": "int32", "positions": "int32",
+            "loss_weights": "float32",
+        }  # fmt: skip
+
+
+def test_stored_bytes_per_token_under_2_2_for_a_16_bit_vocabulary(tmp_path):
+    """Rows of 1024 tokens of a 300-piece vocabulary: uint16 tokens, a bitmask, a count. (Every
+    document is longer than a row, so only the last row of a shard has padding.)"""
+    from tpt_jax.data.prepare import run_prepare
+
+    rng = np.random.default_rng(1)
+    with open(tmp_path / "c0.jsonl", "w") as f:
+        for i in range(40):  # long documents (split over rows): few padded rows
+            text = " ".join(rng.choice(WORDS, int(rng.integers(1100, 3000))))
+            f.write(json.dumps({"id": str(i), "text": text, "thinking": "each hour"}) + "\n")
+    vocab.train(
+        (" ".join(rng.choice(WORDS, 20)) for _ in range(300)), str(tmp_path / "spm.model"), 300
+    )
+    cfg = _config(tmp_path, seq_len=1024)
+    manifest = run_prepare(cfg)
+    stored = sum(p.stat().st_size for p in (tmp_path / "prepared").rglob("*.rows"))
+    tokens = sum(t["tokens"] for t in manifest["tasks"].values())
+    assert tokens > 100_000 and stored / tokens <= 2.2, stored / tokens
+    assert (
+        rows.RowsReader(str(next((tmp_path / "prepared").rglob("*.rows")))).meta["token_dtype"]
+        == "uint16"
+    )
+
+
+def test_a_missing_shard_is_one_line_naming_it_even_from_a_prefetch_thread(prepared, tmp_path):
+    import shutil
+
+    root, _, manifest = prepared
+    shutil.copytree(root / "prepared", tmp_path / "prepared")
+    gone = manifest["tasks"]["toy_vanilla"]["files"][0]["path"]
+    os.remove(tmp_path / "prepared" / gone)
+    data = _mixed(tmp_path)  # shards are opened on first read
+    with pytest.raises(rows.RowsFileError, match=re.escape(gone) + " not found"):
+        _take(loader.batches(data, 0, 64, prefetch=4), 3)
+
+
+def test_a_folder_in_the_older_format_is_refused(prepared, tmp_path):
+    from tpt_jax.data.prepare import MANIFEST, PreparedDataError
+
+    _, _, manifest = prepared
+    old = {k: v for k, v in manifest.items() if k != "format"}  # ArrayRecord-era manifests
+    (tmp_path / MANIFEST).write_text(json.dumps(old))
+    with pytest.raises(
+        PreparedDataError,
+        match=r"prepared by an older tpt_jax \(format ArrayRecord.*run `tpt prepare` again",
+    ):
+        loader.MixedRows(str(tmp_path), [MixtureComponent(task="toy_tpt")], 0, SEQ)
 
 
 def test_vocab_and_length_mismatch_refused(prepared):

@@ -14,11 +14,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from tpt_jax import extras, logs
 from tpt_jax.errors import TptError
-from tpt_jax.parallel import distributed
 
 RUN_COMPLETE = "tpt: run complete"
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+VERBOSE_HELP = "keep the libraries' DEBUG logs and TensorFlow's native start-up output"
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +67,7 @@ def _naming(path: str):
 
 def _cmd_config(args: argparse.Namespace) -> None:
     from tpt_jax.config import (
+        check_paths,
         dump_yaml,
         load_config,
         mesh_shape,
@@ -82,6 +84,7 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
         devices = jax.device_count()
     validate_for_devices(cfg, devices)
+    check_paths(cfg)
     print(dump_yaml(cfg), end="")
     mesh = {k: v for k, v in mesh_shape(cfg, devices).items() if v != 1} or {"data": 1}
     print(f"# valid for {devices} devices; mesh " + " x ".join(f"{k}={v}" for k, v in mesh.items()))
@@ -120,7 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     _check_output_folder(cfg.checkpoint.output_dir, "checkpoint.output_dir", cfg)
-    result = run_training(cfg, args.config)
+    result = run_training(cfg)
     print(
         f"train: finished at step {result.final_step}, loss {result.last_loss:.4f}, run folder {result.run_dir}"
     )
@@ -138,6 +141,8 @@ def _cmd_think(args: argparse.Namespace) -> None:
             and cfg.think.corpus.paths):  # fmt: skip
         raise TptError("tpt think needs think.model_dir, think.output_dir and think.corpus.paths")
     _check_output_folder(cfg.think.output_dir, "think.output_dir", cfg)
+    if cfg.think.backend == "jetstream":
+        extras.load("serve", "think.backend 'jetstream'", args.verbose, extras.JETSTREAM_CLIENT)
     if args.shard:
         try:
             index, count = (int(x) for x in args.shard.split("/"))
@@ -177,13 +182,14 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from tpt_jax.think.serve import start_server
-
     cfg = _load(args)
     if not cfg.think.model_dir:
         raise TptError(
             "tpt serve needs think.model_dir (a folder written by `tpt convert from-hf`)"
         )
+    extras.load("serve", "tpt serve", args.verbose)
+    from tpt_jax.think.serve import start_server
+
     server, prefill = start_server(cfg, args.port, args.max_prefill_length, args.host)
     print(
         f"serve: JetStream gRPC on port {args.port} of {args.host} ({cfg.think.model_dir}, "
@@ -196,6 +202,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_prepare(args: argparse.Namespace) -> None:
     cfg = _load(args)
     _check_output_folder(cfg.data.prepared_dir, "data.prepared_dir", cfg)
+    extras.load("prepare", "tpt prepare", args.verbose)
     from tpt_jax.data.prepare import run_prepare, summarize  # Beam, SeqIO: after the checks
 
     print(summarize(run_prepare(cfg, args.beam_args)))
@@ -230,7 +237,7 @@ def _cmd_vocab(args: argparse.Namespace) -> None:
     model = vocab.train(
         texts(),
         None,
-        vocab_size=args.vocab_size,
+        vocab_size=args.vocab_size or cfg.model.vocab_size,
         model_type=args.model_type,
         byte_fallback=not args.no_byte_fallback,
         user_defined_symbols=args.symbols.split(",") if args.symbols else (),
@@ -286,21 +293,26 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from tpt_jax.demo import run_demo
 
     _default_config(args, "demo.yaml")
+    extras.load("prepare", "tpt demo", args.verbose)  # the demo runs `tpt prepare`
     run_demo(args.config, args.overrides, args.out, args.documents, args.heldout)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from tpt_jax.eval.run import run_eval
 
-    run_eval(_load(args), args.config)
+    run_eval(_load(args))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from tpt_jax.train._loop import run_folder
     from tpt_jax.train.export import export_run
 
+    if args.out is not None and "=" in args.out:  # an override, not a folder
+        args.overrides, args.out = [args.out, *args.overrides], None
     cfg = _load(args)
-    done = export_run(cfg, run_folder(cfg, args.config), args.out, hf_dtype=args.dtype)
+    run_dir = run_folder(cfg)
+    out = args.out or os.path.join(run_dir, "export")
+    done = export_run(cfg, run_dir, out, hf_dtype=args.dtype)
     print(
         f"export: step {done['step']} -> {done['model_dir']} (tpt_jax) and {done['hf_dir']} "
         f"(HF {done['family']}, {done['shards']} shard(s))"
@@ -308,7 +320,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tpt_jax.parallel import distributed  # imports JAX: after _skip_absent_tpu
+
     parser = argparse.ArgumentParser(prog="tpt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("eval", help="held-out perplexity and few-shot chain-of-thought evals")
@@ -316,8 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="a run's latest checkpoint -> model folder + HF folder")
-    p.add_argument("config", help="the run's config (checkpoint.output_dir / run_name)")
-    p.add_argument("out", help="output folder: OUT/model (tpt_jax) and OUT/hf (transformers)")
+    p.add_argument("config", help="the run's config (its run folder: <run.root>/<run.name>)")
+    p.add_argument(
+        "out", nargs="?", default=None,
+        help="output folder: OUT/model (tpt_jax) and OUT/hf (transformers); default: <run>/export",
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_cmd_export)
@@ -330,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = "Options this parser does not know (--runner=..., --project=...) go to Apache Beam."
 
     p = sub.add_parser(
-        "sample", help="generate from a model folder (think.model_dir, think.* sampling)"
+        "sample",
+        help="generate from a model folder (think.model_dir, else the run's export) with think.* "
+        "sampling",
     )
     _add_config_args(p)
     p.add_argument("--prompt", default=None, help="one prompt")
@@ -363,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vocab", help="train a SentencePiece vocabulary from the config's corpora")
     p.add_argument("action", choices=["train"])
     _add_config_args(p)
-    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--vocab-size", type=int, default=0, help="default: model.vocab_size")
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
     p.add_argument("--no-byte-fallback", action="store_true", help="map unknown characters to UNK")
     p.add_argument(
@@ -433,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--documents", type=int, default=12000, help="testbed training documents")
     p.add_argument("--heldout", type=int, default=200, help="held-out problems")
     p.set_defaults(func=_cmd_demo)
+    for p in sub.choices.values():  # also after the command: `tpt serve CONFIG --verbose`
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help=VERBOSE_HELP)  # fmt: skip
     return parser
 
 
@@ -459,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _skip_absent_tpu()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    logs.set_native_defaults(args.verbose)  # before any command imports TensorFlow
+    logs.settle(args.verbose)
     # key=value overrides may also follow options (argparse leaves those over).
     if hasattr(args, "overrides"):
         args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
@@ -469,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.beam_args = extra
     try:
         if hasattr(args, "coordinator"):
+            from tpt_jax.parallel import distributed
+
             distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         args.func(args)
     except TptError as e:

@@ -111,7 +111,7 @@ def run_demo(
             ),
         )
         _stage(f"train {name}: {run_cfg.train.steps} steps", started)
-        trained = run_training(run_cfg, None, quiet_config=True)
+        trained = run_training(run_cfg, quiet_config=True)
         exported = export_run(run_cfg, trained.run_dir, os.path.join(trained.run_dir, "export"))
         eval_cfg = _eval_config(run_cfg, heldout_path)
         scores = evaluate(eval_cfg, exported["model_dir"])

@@ -6,8 +6,11 @@ which readers see whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 
 import fsspec
 
@@ -62,6 +65,27 @@ def read_json(path: str):
     return json.loads(read_text(path))
 
 
+def read_bytes(path: str) -> bytes:
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def staged_folder(path: str) -> Iterator[str]:
+    """A local folder to write a whole folder of files into (libraries that only write local
+    files): `path` itself when local; else a temporary folder uploaded to `path` once the block
+    ends without an error."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tpt_stage_") as local:
+        yield local
+        fs, inner = fsspec.core.url_to_fs(path)
+        for name in sorted(os.listdir(local)):
+            fs.put(os.path.join(local, name), f"{inner}/{name}", recursive=True)
+
+
 def glob(pattern: str) -> list[str]:
     """Sorted matches, as full paths (gs:// kept)."""
     fs, inner = fsspec.core.url_to_fs(pattern)
@@ -76,22 +100,3 @@ def makedirs(path: str) -> None:
     """Local folders only: object stores have none to make."""
     if not is_remote(path):
         os.makedirs(path, exist_ok=True)
-
-
-def local_copy(path: str, cache_dir: str | None = None) -> str:
-    """A local path with the file's bytes: the path itself if local, else a copy downloaded once
-    into `cache_dir` (default ~/.cache/tpt_jax/files), keyed by the remote path and its size."""
-    if not is_remote(path):
-        return path
-    import hashlib
-
-    fs, inner = fsspec.core.url_to_fs(path)
-    size = fs.size(inner)
-    key = hashlib.sha256(f"{path}:{size}".encode()).hexdigest()[:24]
-    cache_dir = cache_dir or os.path.expanduser("~/.cache/tpt_jax/files")
-    local = os.path.join(cache_dir, key + "-" + os.path.basename(inner))
-    if not (os.path.exists(local) and os.path.getsize(local) == size):
-        os.makedirs(cache_dir, exist_ok=True)
-        fs.get_file(inner, local + ".part")
-        os.replace(local + ".part", local)
-    return local

@@ -12,7 +12,8 @@ PROJECT="${TPT_PROJECT:-}"
 ZONE="${TPT_ZONE:-}"
 NAME="${TPT_TPU_NAME:-}"
 ACCELERATOR="${TPT_ACCELERATOR:-}"
-RUNTIME="${TPT_RUNTIME:-v2-alpha-tpuv5}"
+RUNTIME="${TPT_RUNTIME:-}"  # empty: chosen from the accelerator type (runtime_for_accelerator)
+WORKERS=""  # hosts per slice; empty: from the accelerator type, else asked of gcloud
 SLICES=1
 SPOT=0
 RESERVATION=0
@@ -35,7 +36,8 @@ parse_common() {
       --zone) ZONE="${2:?--zone needs a value}"; shift 2 ;;
       --name) NAME="${2:?--name needs a value}"; shift 2 ;;
       --accelerator-type) ACCELERATOR="${2:?--accelerator-type needs a value}"; shift 2 ;;
-      --runtime-version) RUNTIME="${2:?--runtime-version needs a value}"; shift 2 ;;
+      --version | --runtime-version) RUNTIME="${2:?$1 needs a value}"; shift 2 ;;
+      --workers) WORKERS="${2:?--workers needs a number}"; shift 2 ;;
       --slices) SLICES="${2:?--slices needs a value}"; shift 2 ;;
       --spot) SPOT=1; shift ;;
       --reservation) RESERVATION=1; shift ;;
@@ -46,6 +48,8 @@ parse_common() {
     esac
   done
   [[ "$SLICES" =~ ^[1-9][0-9]*$ ]] || die "--slices must be a positive integer, got '$SLICES'"
+  [[ -z "$WORKERS" || "$WORKERS" =~ ^[1-9][0-9]*$ ]] ||
+    die "--workers must be a positive integer, got '$WORKERS'"
   ((SLICES == 1)) || QUEUED=1  # multi-slice needs a queued resource
   ((SPOT + RESERVATION < 2)) || die "--spot and --reservation exclude each other"
 }
@@ -63,6 +67,50 @@ require() {
   done
 }
 
+# The TPU software version Google lists for JAX on each generation (cloud.google.com/tpu/docs/
+# runtimes): v4 and older share the plain Ubuntu image; v5e, v5p and v6e have their own.
+runtime_for_accelerator() {
+  case "$1" in
+    v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
+# Hosts (TPU VM workers) in one slice of an accelerator type. v2/v3/v4/v5p names count
+# TensorCores, 2 per chip and 4 chips per host (v5p-128 = 64 chips = 16 hosts); v5e and v6e
+# names count chips, 8 on the one host of a -8 slice and 4 per host beyond (v6e-16 = 4 hosts).
+hosts_for_accelerator() {
+  [[ "$1" =~ ^(v[0-9]+[a-z]*)-([1-9][0-9]*)$ ]] || return 1
+  local generation="${BASH_REMATCH[1]}" count="${BASH_REMATCH[2]}"
+  case "$generation" in
+    v2 | v3 | v4 | v5p) echo $(((count + 7) / 8)) ;;
+    v5litepod | v5e | v6e) if ((count <= 8)); then echo 1; else echo $((count / 4)); fi ;;
+    *) return 1 ;;
+  esac
+}
+
+# Sets WORKERS (hosts per slice) unless --workers gave it: from --accelerator-type, else from the
+# first slice's description (printed, not run, with --dry-run, which then needs one of the two).
+resolve_workers() {
+  [[ -z "$WORKERS" ]] || return 0
+  if [[ -n "$ACCELERATOR" ]]; then
+    WORKERS="$(hosts_for_accelerator "$ACCELERATOR")" ||
+      die "cannot tell the hosts of --accelerator-type '$ACCELERATOR': give --workers N"
+    return 0
+  fi
+  local describe=(gcloud compute tpus tpu-vm describe "$(node_names | head -n 1)"
+    --project="$PROJECT" --zone="$ZONE" --format="value(acceleratorType)")
+  run "${describe[@]}"
+  ((!DRY_RUN)) || die "--dry-run needs --accelerator-type or --workers to list every worker"
+  ACCELERATOR="$("${describe[@]}")" || die "cannot describe $(node_names | head -n 1): give --workers N"
+  ACCELERATOR="${ACCELERATOR##*/}"  # some gcloud versions print the full resource path
+  WORKERS="$(hosts_for_accelerator "$ACCELERATOR")" ||
+    die "cannot tell the hosts of accelerator type '$ACCELERATOR': give --workers N"
+}
+
 # One word as the shell reads it: plain if it is safe, else in single quotes.
 quote() {
   if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
@@ -72,8 +120,8 @@ quote() {
   fi
 }
 
-# A run name names its log file on every worker (~/tpt_logs/RUN.log): one file name. Quoting
-# (printf %q) keeps any other character literal in the remote shell.
+# A run name names its files on every worker (~/tpt_logs/RUN.log, .exit, .pid): one file name.
+# Quoting (printf %q) keeps any other character literal in the remote shell.
 check_run_name() {
   [[ -n "$1" && "$1" != */* && "$1" != . && "$1" != .. ]] ||
     die "the run name (--run, default: the tpt sub-command) must be a file name without '/', got '$1'"
@@ -111,4 +159,27 @@ ssh_all() {
     run gcloud compute tpus tpu-vm ssh "$node" --project="$PROJECT" --zone="$ZONE" \
       --worker=all --command="$command"
   done < <(node_names)
+}
+
+# The remote shell words that set `f` to a run's path prefix on a worker: ~/tpt_logs/RUN, whose
+# .log is the output, .pid "WRAPPER TPT" (the two process ids) and .exit the exit status of tpt.
+run_files() {
+  printf 'f=~/tpt_logs/%q' "$1"
+}
+
+# A worker's view of a run, as one line `tpt-state: STATE STATUS WORKER` (relaunch.sh parses it):
+# done (exit 0; for train and think also "tpt: run complete" in the log, else a SIGTERM stop,
+# `stopped`), failed (exit status non-zero), running, or none (no exit status and no process).
+# WORKER is the TPU VM metadata's agent-worker-number, `?` where the metadata server is unreachable.
+run_state_probe() {
+  local run="$1" subcommand="$2" complete="true"
+  [[ "$subcommand" == train || "$subcommand" == think ]] && complete="grep -q '^tpt: run complete' \"\$f.log\""
+  local steps=(
+    "$(run_files "$run")"
+    "w=\$(curl -sf -m 5 -H 'Metadata-Flavor: Google' http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || echo '?')"
+    "if [ -f \"\$f.exit\" ]; then s=\$(cat \"\$f.exit\"); if [ \"\$s\" != 0 ]; then echo \"tpt-state: failed \$s \$w\"; elif $complete; then echo \"tpt-state: done 0 \$w\"; else echo \"tpt-state: stopped 0 \$w\"; fi; elif [ -f \"\$f.pid\" ] && read -r _ c < \"\$f.pid\" && kill -0 \"\$c\" 2>/dev/null; then echo \"tpt-state: running - \$w\"; else echo \"tpt-state: none - \$w\"; fi"
+  )
+  local joined
+  joined="$(printf '%s; ' "${steps[@]}")"
+  echo "${joined%; }"
 }

@@ -1,6 +1,7 @@
 """Typed run configuration: schema, YAML loading with `base:` inheritance, overrides, checks."""
 
 from tpt_jax.config._load import dump_yaml, load_config, save_resolved, to_dict
+from tpt_jax.config._paths import check_paths, locate
 from tpt_jax.config._schema import (
     CheckpointConfig,
     Config,
@@ -13,6 +14,7 @@ from tpt_jax.config._schema import (
     MixtureComponent,
     ModelConfig,
     OptimizerConfig,
+    RunConfig,
     ScheduleConfig,
     ThinkConfig,
     TrainConfig,
@@ -37,11 +39,14 @@ __all__ = [
     "MixtureComponent",
     "ModelConfig",
     "OptimizerConfig",
+    "RunConfig",
     "ScheduleConfig",
     "ThinkConfig",
     "TrainConfig",
+    "check_paths",
     "dump_yaml",
     "load_config",
+    "locate",
     "mesh_shape",
     "save_resolved",
     "task_names",

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from tpt_jax.config import _paths
 from tpt_jax.config._schema import Config, origin_of
 from tpt_jax.config._validate import validate
 from tpt_jax.errors import ConfigError
@@ -25,8 +26,12 @@ BASE_KEY = "base"
 def load_config(path: str | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Loads, merges, type-checks and validates a config.
 
+    Relative paths resolve against the file that set them, and empty output paths derive from
+    run.root and run.name (see `tpt_jax.config._paths`).
+
     Args:
-        path: a YAML file, or None for the schema defaults.
+        path: a YAML file (a name under `configs/` also finds the configs shipped in the
+            package), or None for the schema defaults.
         overrides: "dotted.key=value" strings; the value is parsed as YAML.
 
     Raises:
@@ -35,10 +40,12 @@ def load_config(path: str | None, overrides: typing.Sequence[str] = ()) -> Confi
     tree: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
+        path = _paths.locate(path)
         _merge_file(path, tree, sources, chain=())
     _apply_overrides(overrides, tree, sources)
     cfg = _build(Config, tree, "", sources)
-    cfg = dataclasses.replace(cfg, sources=sources)
+    cfg = _paths.finish_paths(dataclasses.replace(cfg, sources=sources), path)
+    _paths.check_placeholders(cfg)
     validate(cfg)
     return cfg
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 
+# A field holding a file or folder (local or gs://): resolved against the config file that set it
+# and derived from run.root when empty (tpt_jax/config/_paths.py).
+PATH = {"path": True}
+
 FAMILIES = ("llama", "qwen2", "qwen3")
 ROPE_SCALING_TYPES = ("none", "linear", "llama3")
 REMAT_POLICIES = (
@@ -218,8 +222,8 @@ class CheckpointConfig:
     """Orbax checkpoints. Re-running the same run_name in the same output_dir resumes.
 
     Attributes:
-        output_dir: root folder (local or gs://) holding one folder per run.
-        run_name: name of this run's folder; empty derives one from the config file name.
+        output_dir: root folder (local or gs://) holding one folder per run; empty: run.root.
+        run_name: name of this run's folder; empty: run.name.
         save_every: steps between saves; the last step is always saved.
         keep: number of most recent checkpoints kept.
         async_save: write checkpoints in the background while training continues.
@@ -228,12 +232,12 @@ class CheckpointConfig:
             checkpoint's (batch, data, schedule, optimizer, model); recorded in config_changes.jsonl.
     """
 
-    output_dir: str = "runs"
+    output_dir: str = field(default="", metadata=PATH)
     run_name: str = ""
     save_every: int = 1000
     keep: int = 3
     async_save: bool = True
-    init_from: str = ""
+    init_from: str = field(default="", metadata=PATH)
     allow_config_change: bool = False  # deliberate changes only: a typo would fork the run silently
 
 
@@ -245,13 +249,16 @@ class CorpusConfig:
         name: task prefix; the tasks are `<name>_vanilla` and, with thinking, `<name>_tpt`.
         paths: files or globs, local or gs://. JSONL (.jsonl, .json, .gz, .zst), Parquet
             (.parquet) or ArrayRecord of JSON records (.array_record, .arrayrecord).
+        think_outputs: `tpt think` outputs read as more files of this corpus: an experiment
+            name (its <run.root>/<name>/thinking folder) or a folder.
         text_field, thinking_field, id_field: record fields; an empty thinking_field means the
             corpus has no thinking (vanilla task only).
         meta_fields: other fields kept as metadata (such as "domain").
     """
 
     name: str = ""
-    paths: list = field(default_factory=list)
+    paths: list = field(default_factory=list, metadata=PATH)
+    think_outputs: list = field(default_factory=list, metadata=PATH)
     text_field: str = "text"
     thinking_field: str = "thinking"
     id_field: str = "id"
@@ -268,31 +275,43 @@ class MixtureComponent:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Training data: corpora -> SeqIO tasks -> mixture -> packed ArrayRecord shards -> loader.
+    """Training data: corpora -> SeqIO tasks -> mixture -> packed row shards -> loader.
 
     Attributes:
         source: "synthetic" (a built-in token stream, for smoke tests) or "prepared".
         corpora: the corpora tasks are made from.
         mixture: tasks and their rates. The paper's source weighting is rates 1 : 0.125;
             a vanilla : TPT ratio is two components of one corpus.
-        vocab_path: SentencePiece model (local or gs://).
+        name: the dataset's name: its vocabulary and prepared rows live in
+            <run.root>/data/<name>/, shared by every experiment naming it; empty: run.name.
+        vocab_path: SentencePiece model or HF tokenizer.json (local or gs://); empty:
+            <run.root>/data/<data.name>/vocab.model.
         tpt_template: how a TPT sample joins a document and its thinking ({text}, {thinking}).
         long_docs: "split" (a sample longer than train.seq_len continues in the next row) or
             "truncate" (keep its first train.seq_len tokens).
-        prepared_dir: folder (local or gs://) of packed ArrayRecord shards and the manifest.
+        prepared_dir: folder (local or gs://) of packed shards and the manifest; empty:
+            <run.root>/data/<data.name>/prepared.
         strict: stop at the first bad input record instead of counting and skipping it.
         seed: global shuffle seed of the loader.
+        heldout_fraction: share of each corpus's documents that `prepare` holds out of training
+            (chosen by a sha256 of the document id, so one document is held out of the vanilla
+            and TPT tasks alike, on every rerun) and packs as each task's held-out split, which
+            `train.eval_every` evaluates on; 0 disables. It is part of the prepared data: a
+            change needs a new data.prepared_dir. Evaluation reads at most train.eval_batches x
+            train.global_batch rows per task, so large corpora want a small share (e.g. 1e-4).
     """
 
     source: str = "synthetic"
     corpora: list[CorpusConfig] = field(default_factory=list)
     mixture: list[MixtureComponent] = field(default_factory=list)
-    vocab_path: str = ""
+    name: str = ""
+    vocab_path: str = field(default="", metadata=PATH)
     tpt_template: str = "{text}\n<think>\n{thinking}\n</think>"
     long_docs: str = "split"
-    prepared_dir: str = ""
+    prepared_dir: str = field(default="", metadata=PATH)
     strict: bool = False
     seed: int = 0
+    heldout_fraction: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -304,7 +323,8 @@ class ThinkConfig:
         dtype: compute dtype of generation; empty keeps the model folder's (bfloat16 by
             default: right on TPUs and GPUs, but several times slower than float32 on CPUs).
         corpus: the documents to augment.
-        output_dir: where augmented records go, one folder per shard, committed in chunks.
+        output_dir: where augmented records go, one folder per shard, committed in chunks;
+            empty: <run.root>/<run.name>/thinking.
         template: built-in template name (default, random_focus, back_thinking) or a file path.
         chat_template: wrap the prompt in the model's chat template (assistant turn opened).
         max_document_tokens: documents are cut to this many generator tokens in the prompt.
@@ -334,11 +354,11 @@ class ThinkConfig:
             generator, sampling, lengths); the change is recorded in its settings_changes.jsonl.
     """
 
-    model_dir: str = ""
+    model_dir: str = field(default="", metadata=PATH)
     dtype: str = ""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    output_dir: str = ""
-    template: str = "default"
+    output_dir: str = field(default="", metadata=PATH)
+    template: str = field(default="default", metadata=PATH)
     chat_template: bool = True
     max_document_tokens: int = 2048
     max_new_tokens: int = 8192
@@ -384,9 +404,9 @@ class EvalTaskConfig:
 
     name: str = ""
     kind: str = "perplexity"
-    path: str = ""
+    path: str = field(default="", metadata=PATH)
     format: str = "gsm8k"
-    exemplars: str = ""
+    exemplars: str = field(default="", metadata=PATH)
     shots: int = 5
     limit: int = 0
     max_new_tokens: int = 256
@@ -405,9 +425,9 @@ class EvalConfig:
         batch_size: prompts generated together.
     """
 
-    model_dir: str = ""
+    model_dir: str = field(default="", metadata=PATH)
     tasks: list[EvalTaskConfig] = field(default_factory=list)
-    output: str = ""
+    output: str = field(default="", metadata=PATH)
     batch_size: int = 32
 
 
@@ -429,9 +449,27 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where a run's outputs live (like MaxText's base_output_directory and run_name).
+
+    Every output path left empty derives from these two (tpt_jax/config/_paths.py):
+    <root>/<name>/ (checkpoints, metrics, TensorBoard, eval, export), <root>/<name>/thinking,
+    and <root>/data/<data.name>/ (vocabulary, prepared rows). Paths may say {root} and {name}.
+
+    Attributes:
+        root: the output root, local (relative to the working directory) or gs://.
+        name: the experiment's name; empty: the config file's stem.
+    """
+
+    root: str = field(default="runs", metadata=PATH)
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run. Sections are independent; functions take the section they need."""
 
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -188,6 +188,8 @@ def _validate_data(cfg: schema.Config) -> None:
     d = cfg.data
     _choice(cfg, "data.source", d.source, ("synthetic", "prepared"))
     _choice(cfg, "data.long_docs", d.long_docs, ("split", "truncate"))
+    if not 0 <= d.heldout_fraction < 1:  # also refuses nan
+        _fail(cfg, "data.heldout_fraction", f"must be >= 0 and < 1, got {d.heldout_fraction}")
     for field in ("{text}", "{thinking}"):
         if field not in d.tpt_template:
             _fail(cfg, "data.tpt_template", f"must contain {field}")

@@ -1,14 +1,19 @@
-"""The stateless, elastic Grain loader over prepared (packed) ArrayRecord shards.
+"""The stateless, elastic Grain loader over prepared (packed) rows files (rows.py).
 
 Global row g of the training stream is a pure function of (seed, g):
   1. Mixing is block-deterministic: every block of MIX_BLOCK rows holds each task's share of the
      block (largest-remainder rounding of the rates), in an order permuted by (seed, block). So
      the rates hold to within one row per block, and row g's task and its index within the task
      follow without reading anything else.
-  2. Each task is a Grain MapDataset over its shards, shuffled by a per-task seed; Grain re-draws
-     the permutation every epoch, and the epoch of a task index is index // rows.
+  2. Each task's rows are permuted by a Grain `MapDataset.range(rows).shuffle` of a per-task
+     seed; Grain re-draws the permutation every epoch, and the epoch of a task index is
+     index // rows. The permuted index names a row of the task's files taken end to end.
 The batch of step s is rows [s * B, (s + 1) * B); a process takes its contiguous slice. The data
 position is therefore the step, resume is exact, and any process count sees the same batches.
+
+A process reads only the rows of its slice, straight from the prepared folder (local or gs://):
+one ranged read per shard per step (rows.RowsReader), never a copy of a shard. `batches` reads
+the next steps' rows in background threads while the current step trains.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ import fsspec
 import grain
 import numpy as np
 
-from tpt_jax import storage
 from tpt_jax.config import MixtureComponent
-from tpt_jax.data import prepare
-from tpt_jax.data.packing import row_to_batch_fields
+from tpt_jax.data import prepare, rows
 
 MIX_BLOCK = 4096
+PREFETCH_STEPS = 8  # batches read ahead of the step that trains
+PREFETCH_THREADS = 4  # steps read at once (ranged reads wait on the network, not the CPU)
 
 
 def _largest_remainder(rates: np.ndarray, total: int) -> np.ndarray:
@@ -36,6 +41,41 @@ def _largest_remainder(rates: np.ndarray, total: int) -> np.ndarray:
     order = np.argsort(-(exact - counts), kind="stable")
     counts[order[: total - counts.sum()]] += 1
     return counts
+
+
+class TaskRows:
+    """One task's prepared files, taken end to end, as one random-access sequence of rows.
+
+    `files` is a manifest list of {"path": relative to prepared_dir, "rows": count}; files of no
+    rows are skipped. Nothing is opened until rows are read.
+    """
+
+    def __init__(self, prepared_dir: str, files: Sequence[dict]):
+        self.readers = [
+            rows.RowsReader(os.path.join(prepared_dir, f["path"]), f["rows"])
+            for f in files
+            if f["rows"]
+        ]
+        self.offsets = np.cumsum([0] + [len(r) for r in self.readers])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """[N] stored records (rows.row_dtype) of the given row indices: one read per file."""
+        indices = np.asarray(indices, np.int64)
+        owner = np.searchsorted(self.offsets, indices, side="right") - 1
+        parts, slots = [], []
+        for f in np.unique(owner):
+            where = np.flatnonzero(owner == f)
+            parts.append(self.readers[f].read(indices[where] - self.offsets[f]))
+            slots.append(where)
+        if not parts:
+            raise ValueError("no rows asked for")
+        out = np.empty(len(indices), parts[0].dtype)
+        for where, part in zip(slots, parts, strict=True):
+            out[where] = part
+        return out
 
 
 class MixedRows:
@@ -48,7 +88,9 @@ class MixedRows:
         seed: int,
         seq_len: int,
         vocab_checksum: str | None = None,
+        split: str = "train",
     ):
+        """`split="heldout"` reads the tasks' held-out rows (see prepare.is_heldout) instead."""
         manifest_path = os.path.join(prepared_dir, prepare.MANIFEST)
         try:
             with fsspec.open(manifest_path, "r") as f:
@@ -57,6 +99,12 @@ class MixedRows:
             raise prepare.PreparedDataError(
                 f"{manifest_path} not found: run `tpt prepare` first"
             ) from None
+        if manifest.get("format") != prepare.PREPARED_FORMAT:
+            raise prepare.PreparedDataError(
+                f"{prepared_dir} was prepared by an older tpt_jax (format "
+                f"{manifest.get('format', 'ArrayRecord')}, this one reads {prepare.PREPARED_FORMAT}): "
+                "run `tpt prepare` again into a new data.prepared_dir"
+            )
         if manifest["seq_len"] != seq_len:
             raise prepare.PreparedDataError(
                 f"{prepared_dir} holds rows of {manifest['seq_len']} tokens but train.seq_len is {seq_len}"
@@ -66,23 +114,25 @@ class MixedRows:
                 f"{prepared_dir} was prepared with vocabulary {manifest['vocab_checksum']} but data.vocab_path "
                 f"is {vocab_checksum}: prepare again with this vocabulary, or train with the one it used"
             )
+        self.manifest = manifest
         self.seq_len = seq_len
         self.seed = seed
         self.tasks = [m.task for m in mixture]
-        self.datasets = []
+        self.sources: list[TaskRows] = []
+        self.orders = []
         self.lengths = []
         for i, name in enumerate(self.tasks):
             info = manifest["tasks"].get(name)
+            if split == "heldout":  # nested in the task's entry, in the same shape
+                info = (info or {}).get("heldout")
             if info is None or info["rows"] == 0:
                 raise prepare.PreparedDataError(
                     f"{prepared_dir}: task {name} is not prepared (run `tpt prepare`)"
                 )
-            paths = [
-                _local(os.path.join(prepared_dir, f["path"])) for f in info["files"] if f["rows"]
-            ]
-            source = grain.sources.ArrayRecordDataSource(paths)
-            self.datasets.append(
-                grain.MapDataset.source(source).shuffle(seed=(seed * 1_000_003 + i) % 2**31)
+            source = TaskRows(prepared_dir, info["files"])
+            self.sources.append(source)
+            self.orders.append(
+                grain.MapDataset.range(len(source)).shuffle(seed=(seed * 1_000_003 + i) % 2**31)
             )
             self.lengths.append(len(source))
         self.counts = _largest_remainder(np.array([m.rate for m in mixture], np.float64), MIX_BLOCK)
@@ -110,15 +160,18 @@ class MixedRows:
         return tasks, local
 
     def rows(self, global_rows: np.ndarray) -> np.ndarray:
-        """int32 [N, 3, seq_len] stored rows for the given global row numbers."""
+        """[N] stored records (rows.row_dtype; rows.decode gives the batch fields) of the given
+        global row numbers, read with one ranged read per shard."""
         tasks, local = self.locate(global_rows)
-        out = np.empty((len(global_rows), 3, self.seq_len), np.int32)
+        parts, slots = [], []
         for task in np.unique(tasks):
             where = np.flatnonzero(tasks == task)
-            dataset = self.datasets[task]
-            records = [dataset[int(i)] for i in local[where]]
-            for slot, record in zip(where, records, strict=True):
-                out[slot] = np.frombuffer(record, np.int32).reshape(3, self.seq_len)
+            order = self.orders[task]
+            parts.append(self.sources[task].read(np.array([order[int(i)] for i in local[where]])))
+            slots.append(where)
+        out = np.empty(len(global_rows), parts[0].dtype)
+        for where, part in zip(slots, parts, strict=True):
+            out[where] = part
         return out
 
     def epochs_seen(self, rows_consumed: int) -> dict[str, float]:
@@ -131,12 +184,6 @@ class MixedRows:
             slots, _ = self._block(full)
             seen = seen + np.bincount(slots[:part], minlength=len(self.counts))
         return {name: float(seen[i]) / self.lengths[i] for i, name in enumerate(self.tasks)}
-
-
-def _local(path: str) -> str:
-    """Prepared shards on gs:// are read from a local copy, downloaded once per host (for data
-    larger than the local disk, mount the bucket with gcsfuse and give the mounted path)."""
-    return storage.local_copy(path)
 
 
 def process_rows(
@@ -154,11 +201,26 @@ def batches(
     global_batch: int,
     process_index: int = 0,
     process_count: int = 1,
+    prefetch: int = PREFETCH_STEPS,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of every global batch from `start_step` on, in the DESIGN.md format."""
-    step = start_step
-    while True:
-        yield row_to_batch_fields(
+    """This process's rows of every global batch from `start_step` on, in the DESIGN.md format.
+
+    With `prefetch` > 0 the batches of the next `prefetch` steps are read in background threads
+    (Grain's thread prefetch) while the caller trains; the batches are the same either way.
+    """
+
+    def batch(step: int) -> dict[str, np.ndarray]:
+        return rows.decode(
             data.rows(process_rows(step, global_batch, process_index, process_count))
         )
-        step += 1
+
+    if prefetch <= 0:
+        step = start_step
+        while True:
+            yield batch(step)
+            step += 1
+    steps = grain.MapDataset.range(start_step, 2**62).map(batch)
+    options = grain.ReadOptions(
+        num_threads=min(PREFETCH_THREADS, prefetch), prefetch_buffer_size=prefetch
+    )
+    yield from steps.to_iter_dataset(options)

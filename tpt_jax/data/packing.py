@@ -4,8 +4,10 @@ Convention (seqio's decoder-only format): a sample's tokens (EOS included) are t
 its segment; the inputs are the targets shifted right by one, starting from 0. A sample longer
 than the row continues in the next row as a new segment (positions restart at 0) whose first
 input is the previous token, so concatenating the targets of a sample's segments reproduces it
-exactly. Rows are stored as int32 [3, seq_len]: inputs, targets, segment_ids (0 = padding);
-positions and loss weights follow from the segment ids.
+exactly. The Packer yields int32 [3, seq_len] rows: inputs, targets, segment_ids (0 = padding);
+positions and loss weights follow from the segment ids. On disk (rows.py) a row keeps only its
+tokens, its segment starts and its length, since only a row's first segment can be a
+continuation: every other segment's first input is 0.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def pack(
 
 
 def row_to_batch_fields(rows: np.ndarray) -> dict[str, np.ndarray]:
-    """int32 [N, 3, T] stored rows -> the DESIGN.md batch fields, each [N, T].
+    """int32 [N, 3, T] packed rows -> the DESIGN.md batch fields, each [N, T] (the reference
+    rows.decode is tested against).
 
     positions count from 0 within each segment; loss_weights are 1 on tokens, 0 on padding.
     """

@@ -1,8 +1,8 @@
-"""`tpt prepare CONFIG`: materialise every task of the mixture as packed ArrayRecord shards.
+"""`tpt prepare CONFIG`: materialise every task of the mixture as packed rows files (rows.py).
 
 An Apache Beam pipeline with one work item per (task, input file): run the SeqIO task's
 preprocessors on that file, pack the token stream into `train.seq_len` rows, write
-`<prepared_dir>/<task>/<file>-<hash of its path>.array_record` and its stats atomically (named by
+`<prepared_dir>/<task>/<file>-<hash of its path>.rows` and its stats atomically (named by
 the input, so adding or removing input files builds or drops only theirs). The stats record the
 vocabulary checksum and a fingerprint of the input file, and are written only after the rows are
 on disk. A rerun skips items whose stats match the current vocabulary and input, and rebuilds the
@@ -31,13 +31,15 @@ import numpy as np
 
 from tpt_jax import storage
 from tpt_jax.config import Config, to_dict
+from tpt_jax.data import rows as rows_file
 from tpt_jax.data import vocab
 from tpt_jax.data.packing import Packer
 from tpt_jax.data.rejects import BadInputError, RejectLog
 from tpt_jax.errors import TptError
 
 MANIFEST = "manifest.json"
-ROW_DTYPE = np.int32
+# The manifest's "format": the loader refuses a folder prepared in another (older) layout.
+PREPARED_FORMAT = f"tpt-rows-v{rows_file.FORMAT_VERSION}"
 
 
 class PreparedDataError(TptError):
@@ -48,12 +50,15 @@ def config_hash(cfg: Config) -> str:
     """What the prepared rows depend on: the data section (minus loader settings) and seq_len."""
     data = to_dict(cfg.data)
     # The vocabulary's contents (not its path) are each shard's own record, as are its inputs.
-    for key in ("source", "seed", "strict", "prepared_dir", "mixture", "vocab_path"):
+    for key in ("source", "seed", "strict", "prepared_dir", "mixture", "vocab_path", "name"):
         data.pop(key, None)
+    if not data.get("heldout_fraction"):
+        data.pop("heldout_fraction", None)  # none held out: folders prepared before it existed
     for corpus in data.get("corpora", []):
         # Which files a corpus has is each shard's own record (its input and fingerprint), so
         # adding a path or a folder builds only the new shards instead of refusing the folder.
         corpus.pop("paths", None)
+        corpus.pop("think_outputs", None)  # more paths, in the layout tpt think writes
     payload = json.dumps({"data": data, "seq_len": cfg.train.seq_len}, sort_keys=True)
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -63,7 +68,20 @@ def shard_name(task: str, input_path: str) -> str:
     another file added to the corpus leaves every existing shard's name (and rows) as they are."""
     stem = os.path.basename(input_path).split(".")[0] or "input"
     digest = hashlib.sha256(input_path.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{task}/{stem}-{digest}.array_record"
+    return f"{task}/{stem}-{digest}{rows_file.SUFFIX}"
+
+
+def heldout_name(task: str, input_path: str) -> str:
+    """The held-out rows of a task's shard of one input file: `<task>/heldout/<its file name>`."""
+    return shard_name(task, input_path).replace(f"{task}/", f"{task}/heldout/", 1)
+
+
+def is_heldout(doc_id: str, fraction: float) -> bool:
+    """Whether a document belongs to the held-out split: a function of its id alone (a sha256,
+    stable across processes and runs, unlike hash()), so it is held out of every task of its
+    corpus, whatever the file order or worker."""
+    digest = hashlib.sha256(doc_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def input_fingerprint(path: str) -> dict:
@@ -105,27 +123,14 @@ def _remove(path: str) -> None:
         fs.rm(inner)
 
 
-def _write_rows(path: str, rows: list[np.ndarray]) -> None:
-    from array_record.python import array_record_module
-
-    local = (
-        path if "://" not in path else os.path.join("/tmp", hashlib.sha1(path.encode()).hexdigest())
-    )
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    writer = array_record_module.ArrayRecordWriter(local + ".tmp", "group_size:1")
-    for row in rows:
-        writer.write(row.astype(ROW_DTYPE).tobytes())
-    writer.close()
-    if "://" in path:
-        fs, inner = fsspec.core.url_to_fs(path)
-        fs.put_file(local + ".tmp", inner)  # one upload: whole or absent
-        os.remove(local + ".tmp")
-    else:
-        # The stats written next mark the shard done, so the rows, then their rename, must be on
-        # the disk before them: a power cut must not leave stats over missing or partial rows.
-        _fsync(local + ".tmp")
-        os.replace(local + ".tmp", local)
-        _fsync(os.path.dirname(local))
+def _write_rows(path: str, packed: list[np.ndarray], vocab_size: int, seq_len: int) -> None:
+    """Stores packed rows in the narrowest token dtype of the vocabulary (see rows.py)."""
+    stacked = np.stack(packed) if packed else np.zeros((0, 3, seq_len), np.int32)
+    rows_file.write(path, rows_file.encode(stacked, rows_file.token_dtype(vocab_size)))
+    if not storage.is_remote(path):
+        # The stats written next mark the shard done, so the rows' rename must be on the disk
+        # before them: a power cut must not leave stats over missing rows.
+        _fsync(os.path.dirname(path))
 
 
 def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_path: str) -> dict:
@@ -146,7 +151,12 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
                 f"{stats_path} was prepared with another config ({stats.get('config_hash')} != {expected_hash}); "
                 "use a new data.prepared_dir"
             )
-        if stats.get("vocab_checksum") == vocab_checksum and stats.get("inputs") == inputs:
+        same_format = stats.get("format") == PREPARED_FORMAT  # else rebuilt in this one
+        if (
+            same_format
+            and stats.get("vocab_checksum") == vocab_checksum
+            and stats.get("inputs") == inputs
+        ):
             return {**stats, "skipped": True}
         _remove(stats_path)  # its vocabulary or input changed: not done until rebuilt
     # The manifest vouches for every shard; while one is rebuilt, none must be vouched for.
@@ -168,12 +178,18 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
     processor = vocab.seqio_vocabulary(vocab_path)
     packer = Packer(cfg.train.seq_len, cfg.data.long_docs)
     rows: list[np.ndarray] = []
+    fraction = cfg.data.heldout_fraction
+    heldout = Packer(cfg.train.seq_len, cfg.data.long_docs) if fraction else None
+    heldout_rows: list[np.ndarray] = []
     thinking_tokens = 0
     dataset = task.get_dataset(
         sequence_length=None, shuffle=False, shard_info=seqio.ShardInfo(index, count)
     )
     for example in dataset.as_numpy_iterator():
         targets = example["targets"]
+        if heldout is not None and is_heldout(example["id"].decode("utf-8"), fraction):
+            heldout_rows.extend(heldout.add(targets))
+            continue
         if task_name.endswith("_tpt"):
             # Template text, thinking and EOS: everything after the document's own tokens.
             thinking_tokens += len(targets) - len(
@@ -181,6 +197,8 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
             )
         rows.extend(packer.add(targets))
     rows.extend(packer.finish())
+    if heldout is not None:
+        heldout_rows.extend(heldout.finish())
     task.source.rejects.close()
     if task.source.rejects.first_error:
         # Strict mode: no rows, no stats; the driver reports this and stops.
@@ -195,7 +213,10 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
         message = "; ".join(task.source.rejects.unreadable_files)
         storage.write_bytes(os.path.join(root, name + ".error"), message.encode())
         return {"error": message}
-    _write_rows(os.path.join(root, name), rows)
+    if heldout is not None:  # before the training rows: their stats mark both done
+        held_path = os.path.join(root, heldout_name(task_name, input_path))
+        _write_rows(held_path, heldout_rows, processor.vocab_size, cfg.train.seq_len)
+    _write_rows(os.path.join(root, name), rows, processor.vocab_size, cfg.train.seq_len)
     stats = {
         "task": task_name,
         "file": name,
@@ -207,7 +228,14 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
         "thinking_tokens": thinking_tokens,
         "rejected": dict(task.source.rejects.counts),
         "config_hash": expected_hash,
+        "format": PREPARED_FORMAT,
     }
+    if heldout is not None:
+        stats["heldout"] = {
+            "file": heldout_name(task_name, input_path),
+            **dataclasses.asdict(heldout.stats),
+            "documents": heldout.stats.samples,
+        }
     storage.write_bytes(stats_path, json.dumps(stats, indent=1).encode())
     return {**stats, "skipped": False}
 
@@ -215,7 +243,7 @@ def prepare_shard(cfg: Config, task_name: str, index: int, count: int, input_pat
 def _rejects_path(root: str, name: str) -> str | None:
     if "://" in root:
         return None  # reject reports are local files; counts still go to the stats and manifest
-    return os.path.join(root, "rejects", name.replace("/", "-").replace(".array_record", ".tsv"))
+    return os.path.join(root, "rejects", name.replace("/", "-").replace(rows_file.SUFFIX, ".tsv"))
 
 
 def work_items(cfg: Config) -> tuple[list[tuple[str, int, int, str]], list[str]]:
@@ -280,7 +308,8 @@ def _check_config_hash(cfg: Config) -> None:
     """Refuses, before the pipeline starts, a folder prepared with another config (inside the
     pipeline the same refusal would come wrapped in the runner's traceback)."""
     expected = config_hash(cfg)
-    for stats_path in storage.glob(os.path.join(cfg.data.prepared_dir, "*", "*.array_record.json")):
+    pattern = os.path.join(cfg.data.prepared_dir, "*", f"*{rows_file.SUFFIX}.json")
+    for stats_path in storage.glob(pattern):
         found = storage.read_json(stats_path).get("config_hash")
         if found != expected:
             raise PreparedDataError(
@@ -331,9 +360,19 @@ def write_manifest(
         for key in ("rows", "tokens", "documents", "thinking_tokens"):
             entry[key] += stats[key]
         entry["rejected"] += sum(stats["rejected"].values())
+        if "heldout" in stats:  # the same shape as the training rows' entry
+            held = entry.setdefault(
+                "heldout", {"files": [], "rows": 0, "tokens": 0, "documents": 0}
+            )
+            held["files"].append(
+                {"path": stats["heldout"]["file"], "rows": stats["heldout"]["rows"]}
+            )
+            for key in ("rows", "tokens", "documents"):
+                held[key] += stats["heldout"][key]
     for entry in per_task.values():
         entry["thinking_token_share"] = entry["thinking_tokens"] / max(entry["tokens"], 1)
     manifest = {
+        "format": PREPARED_FORMAT,
         "seq_len": cfg.train.seq_len,
         "vocab_checksum": checksums[0],
         "config_hash": config_hash(cfg),
@@ -357,4 +396,9 @@ def summarize(manifest: dict) -> str:
             f"  {name}: {t['documents']:,} documents, {t['rows']:,} rows, {t['tokens']:,} tokens, "
             f"thinking share {t['thinking_token_share']:.1%}, {t['rejected']:,} rejected"
         )
+        if "heldout" in t:
+            h = t["heldout"]
+            lines.append(
+                f"    held out: {h['documents']:,} documents, {h['rows']:,} rows, {h['tokens']:,} tokens"
+            )
     return "\n".join(lines)

@@ -40,7 +40,11 @@ class CorpusSource(seqio.DataSource):
 
     @property
     def output_features(self):
-        return {"text": tf.TensorSpec([], tf.string), "thinking": tf.TensorSpec([], tf.string)}
+        return {
+            "text": tf.TensorSpec([], tf.string),
+            "thinking": tf.TensorSpec([], tf.string),
+            "id": tf.TensorSpec([], tf.string),
+        }
 
     def list_shards(self, split: str) -> list[str]:
         if self._files is None:
@@ -70,7 +74,7 @@ class CorpusSource(seqio.DataSource):
                         path, line, "no thinking: a tpt task record needs its thinking field"
                     )
                     continue
-                yield {"text": doc.text, "thinking": doc.thinking or ""}
+                yield {"text": doc.text, "thinking": doc.thinking or "", "id": doc.id}
 
     def get_dataset(self, split=SPLIT, shuffle=False, seed=None, shard_info=None, *, sequence_length=None,
                     use_cached=False, num_epochs=1):  # fmt: skip
@@ -104,8 +108,9 @@ def join_preprocessor(template: str | None):
             pieces = [
                 ex[p[1:-1]] if p in ("{text}", "{thinking}") else tf.constant(p) for p in parts
             ]
-            # The document travels along so that prepare can count the thinking tokens.
-            return {"targets": tf.strings.join(pieces), "document": ex["text"]}
+            # The document travels along so that prepare can count the thinking tokens, and
+            # its id so that prepare can hold it out.
+            return {"targets": tf.strings.join(pieces), "document": ex["text"], "id": ex["id"]}
 
         return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 

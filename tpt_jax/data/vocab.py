@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import fsspec
 
+from tpt_jax import storage
 from tpt_jax.errors import TptError
 
 THINK_TAGS = ("<think>", "</think>")
@@ -207,10 +208,7 @@ def write_tokenizer_files(model: bytes, folder: str) -> list[str]:
             indent=1,
         ),
     }
-    os.makedirs(folder, exist_ok=True)
     for name, text in files.items():
-        with open(os.path.join(folder, name), "w") as f:
-            f.write(text)
-    with open(os.path.join(folder, "spiece.model"), "wb") as f:
-        f.write(model)
+        storage.write_bytes(os.path.join(folder, name), text.encode())
+    storage.write_bytes(os.path.join(folder, "spiece.model"), model)
     return [*files, "spiece.model"]

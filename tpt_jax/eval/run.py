@@ -218,7 +218,7 @@ def format_table(results: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def run_eval(cfg: Config, config_path: str | None) -> dict:
+def run_eval(cfg: Config) -> dict:
     """Resolves the model (a folder, or the run's latest checkpoint exported), scores it, writes
     JSON (and TensorBoard for a run), prints the table."""
     if not cfg.eval.tasks:
@@ -229,7 +229,7 @@ def run_eval(cfg: Config, config_path: str | None) -> dict:
         from tpt_jax.train._loop import run_folder
         from tpt_jax.train.export import export_run
 
-        run_dir = run_folder(cfg, config_path)
+        run_dir = run_folder(cfg)
         exported = export_run(cfg, run_dir, os.path.join(run_dir, "export"))
         model_dir, step = exported["model_dir"], exported["step"]
     results = evaluate(cfg, model_dir)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from tpt_jax import storage
 from tpt_jax.errors import CheckpointError
 from tpt_jax.model._hf import hf_config_from_model, hf_tensors, load_hf_params, model_config_from_hf
 from tpt_jax.model._params import param_shapes
@@ -33,9 +33,11 @@ _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": 
 
 def _copy_side_files(src: str, dst: str) -> list[str]:
     copied = []
-    for name in SIDE_FILES:
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    for name in SIDE_FILES:  # either folder local or gs://
+        if storage.exists(os.path.join(src, name)):
+            storage.write_bytes(
+                os.path.join(dst, name), storage.read_bytes(os.path.join(src, name))
+            )
             copied.append(name)
     return copied
 
@@ -66,9 +68,9 @@ def tpt_to_hf(src: str, dst: str, dtype: str = "bfloat16", max_shard_bytes: int 
     hf_config = hf_config_from_model(cfg, dtype)
     # Restore in the stored dtype: casting happens tensor by tensor while the shards are written.
     params = restore_params(src, param_shapes(cfg))
-    os.makedirs(dst, exist_ok=True)
-    shards = write_sharded(hf_tensors(cfg, params, _NP_DTYPES[dtype]), dst, max_shard_bytes)
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    copied = _copy_side_files(src, dst)
+    with storage.staged_folder(dst) as local:  # safetensors writes local files
+        shards = write_sharded(hf_tensors(cfg, params, _NP_DTYPES[dtype]), local, max_shard_bytes)
+        with open(os.path.join(local, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        copied = _copy_side_files(src, local)
     return {"family": cfg.family, "shards": len(shards), "copied": copied}

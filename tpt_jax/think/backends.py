@@ -18,7 +18,7 @@ import random
 import sys
 import time
 
-from tpt_jax.errors import TptError
+from tpt_jax.errors import MissingExtraError, TptError
 
 
 class BackendError(TptError):
@@ -52,11 +52,14 @@ class JetStreamBackend:
     """Completions from a JetStream orchestrator over gRPC (the package's own stubs)."""
 
     def __init__(self, address: str, timeout_s: float, retries: int):
-        import grpc
         import jax
 
         jax.tree_map = getattr(jax, "tree_map", jax.tree.map)  # jetstream 0.2.2 still uses it
-        from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc
+        try:
+            import grpc
+            from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc
+        except ModuleNotFoundError as e:  # not in a training worker's slim install
+            raise MissingExtraError("think.backend 'jetstream'", "serve", e.name) from None
 
         self._grpc = grpc
         self._pb2 = jetstream_pb2

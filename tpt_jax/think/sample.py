@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from tpt_jax.config import Config
 from tpt_jax.errors import TptError
 from tpt_jax.think.generate import SamplingParams, generate
@@ -15,12 +17,9 @@ def run_sample(
     from tpt_jax.think.generate import load_generator
 
     t = cfg.think
-    if not t.model_dir:
-        raise TptError(
-            "tpt sample needs think.model_dir (a folder written by `tpt convert from-hf`)"
-        )
-    tokenizer = GeneratorTokenizer(t.model_dir)
-    model_cfg, params = load_generator(t.model_dir, t.dtype)
+    model_dir = t.model_dir or _exported_model(cfg)
+    tokenizer = GeneratorTokenizer(model_dir)
+    model_cfg, params = load_generator(model_dir, t.dtype)
     texts = [
         p if raw or not (t.chat_template and tokenizer.has_chat_template) else tokenizer.chat(p)
         for p in prompts
@@ -31,3 +30,17 @@ def run_sample(
     ]
     outputs = generate(params, model_cfg, ids, max_new_tokens, sampling, eos_id=tokenizer.eos_id)
     return [tokenizer.completion(tokens, t.stop)[0] for tokens in outputs]
+
+
+def _exported_model(cfg: Config) -> str:
+    """The run's model as `tpt export` writes it by default (<run>/export/model)."""
+    from tpt_jax import storage
+
+    run_dir = os.path.join(cfg.checkpoint.output_dir, cfg.checkpoint.run_name)
+    model_dir = os.path.join(run_dir, "export", "model")
+    if not storage.exists(os.path.join(model_dir, "model.yaml")):
+        raise TptError(
+            f"tpt sample needs think.model_dir (a folder written by `tpt convert from-hf`), or "
+            f"a run exported by `tpt export` ({model_dir} has no model)"
+        )
+    return model_dir

@@ -14,6 +14,7 @@ import jinja2
 import jinja2.sandbox
 import tokenizers
 
+from tpt_jax import storage
 from tpt_jax.errors import TptError
 
 
@@ -29,18 +30,20 @@ class GeneratorTokenizer:
     """tokenizer.json + tokenizer_config.json (chat_template, eos/bos tokens) of a model folder."""
 
     def __init__(self, folder: str):
-        path = os.path.join(folder, "tokenizer.json")
+        path = os.path.join(folder, "tokenizer.json")  # local or gs://
         try:
-            self._tok = tokenizers.Tokenizer.from_file(path)
+            self._tok = tokenizers.Tokenizer.from_str(_read(path, str))
+        except TokenizerError:
+            raise
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from None
         config = {}
         config_path = os.path.join(folder, "tokenizer_config.json")
-        if os.path.exists(config_path):
+        if storage.exists(config_path):
             config = _read(config_path, json.loads)
         template, template_path = config.get("chat_template"), config_path
         jinja_path = os.path.join(folder, "chat_template.jinja")
-        if template is None and os.path.exists(jinja_path):
+        if template is None and storage.exists(jinja_path):
             template, template_path = _read(jinja_path, str), jinja_path
         self.eos_token = _token_text(config.get("eos_token"))
         self.bos_token = _token_text(config.get("bos_token"))
@@ -102,8 +105,7 @@ class GeneratorTokenizer:
 
 def _read(path: str, parse):
     try:
-        with open(path, encoding="utf-8") as f:
-            return parse(f.read())
+        return parse(storage.read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise TokenizerError(f"{path}: cannot read it ({e})") from None
 

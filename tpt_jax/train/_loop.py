@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,9 @@ from tpt_jax.train._state import (
 from tpt_jax.train._step import BATCH_KEYS, make_eval_step, make_train_step
 
 BatchSource = Callable[[int], Iterator[dict]]
+# Held-out batches: one set (logged as eval_loss), or one per task (eval/<task>/loss, eval/loss).
+EvalBatches = Callable[[], Iterable[dict]]
+EvalSource = EvalBatches | Mapping[str, EvalBatches]
 _BATCH_DTYPES = {"loss_weights": jnp.float32}
 
 
@@ -177,13 +180,14 @@ def train(
     cfg: Config,
     run_dir: str,
     batches: BatchSource,
-    eval_batches: Callable[[], Iterable[dict]] | None = None,
+    eval_batches: EvalSource | None = None,
     devices: list | None = None,
     extra_metrics: Callable[[int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Trains until cfg.train.steps (or max_steps_per_run more steps), resuming if run_dir has checkpoints.
 
     `extra_metrics(step)` adds data-side metrics (such as epochs seen per task) to each record.
+    With train.eval_every, `eval_batches` is evaluated every eval_every steps and at the last step.
     """
     t = cfg.train
     preemption = PreemptionWatch()  # first: a SIGTERM during compilation still stops cleanly
@@ -245,13 +249,14 @@ def train(
                     flops_per_step / seconds / (mesh.size * cfg.logging.peak_flops_per_device)
                 )
             if run_eval:
-                eval_loss = record["eval_loss"] = evaluate(state.params)
+                eval_loss, scores = evaluate(state.params)
+                record.update(scores)
             if extra_metrics is not None:
                 record.update(extra_metrics(done))
             writer.write(done, record)
             bar.update(done - bar.n)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
-            if done % cfg.logging.log_every == 0 or done == stop:
+            if done % cfg.logging.log_every == 0 or done == stop or run_eval:
                 _log(f"step {done}: {format_metrics(record)}")
             if save:
                 checkpoints.save(
@@ -328,8 +333,13 @@ def _check_finite(pending: list[tuple[int, dict]], last_good: int | None, direct
     return fetched[-1]
 
 
-def _make_evaluator(trainer: CompiledTrainer, eval_batches):
-    if eval_batches is None:
+def _make_evaluator(trainer: CompiledTrainer, eval_batches: EvalSource | None):
+    """params -> (overall loss, metrics to log), or None when there is nothing to evaluate.
+
+    Each loss is the mean per target token; the overall loss of several sets is weighted by
+    their tokens, as if they were one set.
+    """
+    if not eval_batches:
         return None
     eval_fn = jax.jit(
         make_eval_step(trainer.model, trainer.mesh, trainer.rules),
@@ -337,20 +347,35 @@ def _make_evaluator(trainer: CompiledTrainer, eval_batches):
         out_shardings=trainer.replicated,
     )
 
-    def evaluate(params) -> float:
+    def sums(params, batches: EvalBatches) -> tuple[float, float]:
         total, weight = 0.0, 0.0
-        for local in eval_batches():
+        for local in batches():
             loss_sum, w = jax.device_get(eval_fn(params, trainer.global_batch(local)))
             total += float(loss_sum)
             weight += float(w)
-        return total / max(weight, 1.0)
+        return total, weight
 
-    return evaluate
+    if not isinstance(eval_batches, Mapping):
+
+        def evaluate_one(params) -> tuple[float, dict[str, float]]:
+            total, weight = sums(params, eval_batches)
+            loss = total / max(weight, 1.0)
+            return loss, {"eval_loss": loss}
+
+        return evaluate_one
+
+    def evaluate_tasks(params) -> tuple[float, dict[str, float]]:
+        metrics, total, weight = {}, 0.0, 0.0
+        for task, batches in eval_batches.items():
+            task_total, task_weight = sums(params, batches)
+            metrics[f"eval/{task}/loss"] = task_total / max(task_weight, 1.0)
+            total, weight = total + task_total, weight + task_weight
+        metrics["eval/loss"] = total / max(weight, 1.0)
+        return metrics["eval/loss"], metrics
+
+    return evaluate_tasks
 
 
-def run_folder(cfg: Config, config_path: str | None) -> str:
-    """<output_dir>/<run_name>, the run name defaulting to the config file's stem."""
-    name = cfg.checkpoint.run_name
-    if not name:
-        name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "run"
-    return os.path.join(cfg.checkpoint.output_dir, name)
+def run_folder(cfg: Config) -> str:
+    """<checkpoint.output_dir>/<checkpoint.run_name>: by default <run.root>/<run.name>."""
+    return os.path.join(cfg.checkpoint.output_dir, cfg.checkpoint.run_name)

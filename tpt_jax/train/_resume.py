@@ -45,6 +45,8 @@ FREE_KEYS = (
     "model.scan_unroll",
     "model.loss_chunk",
     "data.strict",  # used by `tpt prepare` only
+    "data.name",  # names the dataset's folder; the rows are checked by their manifest
+    "run",  # where outputs live: the run folder itself
     "think",  # other pipeline stages
     "eval",
 )

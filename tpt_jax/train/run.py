@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable, Iterator
 
 import jax
 
-from tpt_jax.config import Config, dump_yaml
+from tpt_jax.config import Config, MixtureComponent, dump_yaml
 from tpt_jax.data import synthetic
 from tpt_jax.errors import ConfigError
 from tpt_jax.train._loop import TrainResult, run_folder, train
@@ -32,14 +34,14 @@ def synthetic_sources(cfg: Config):
     return batches, eval_batches
 
 
-def run_training(cfg: Config, config_path: str | None, quiet_config: bool = False) -> TrainResult:
-    run_dir = run_folder(cfg, config_path)
+def run_training(cfg: Config, quiet_config: bool = False) -> TrainResult:
+    run_dir = run_folder(cfg)
     # The loop writes config.yaml once the resume has been checked against the checkpoint.
     if jax.process_index() == 0 and not quiet_config:
         print(dump_yaml(cfg), end="")
     if cfg.data.source == "prepared":
-        batches, epochs = prepared_source(cfg)
-        result = train(cfg, run_dir, batches, extra_metrics=epochs)
+        batches, epochs, heldout = prepared_source(cfg)
+        result = train(cfg, run_dir, batches, heldout or None, extra_metrics=epochs)
         if jax.process_index() == 0:
             seen = ", ".join(f"{k} {v:.2f}" for k, v in epochs(result.final_step).items())
             print(f"train: epochs seen per task: {seen}")
@@ -49,7 +51,8 @@ def run_training(cfg: Config, config_path: str | None, quiet_config: bool = Fals
 
 
 def prepared_source(cfg: Config):
-    """(batches(start_step), epochs_seen(step)) over the prepared mixture."""
+    """(batches(start_step), epochs_seen(step), {task: eval_batches()}) over the prepared mixture;
+    the last is empty unless train.eval_every is set."""
     from tpt_jax.data import loader, vocab
 
     checksum = None
@@ -73,4 +76,59 @@ def prepared_source(cfg: Config):
     def epochs(step):
         return {f"epochs/{k}": v for k, v in data.epochs_seen(step * t.global_batch).items()}
 
-    return batches, epochs
+    heldout = heldout_sources(cfg, data.manifest, checksum) if t.eval_every else {}
+    return batches, epochs, heldout
+
+
+def heldout_sources(
+    cfg: Config, manifest: dict, vocab_checksum: str | None
+) -> dict[str, Callable[[], Iterator[dict]]]:
+    """task -> eval_batches(): this process's rows of train.eval_batches global batches of
+    train.global_batch rows of the task's held-out split (the same rows at every evaluation).
+    Tasks without held-out rows are left out, each said once on the console."""
+    from tpt_jax.data import loader
+
+    t, d = cfg.train, cfg.data
+    tasks = list(dict.fromkeys(m.task for m in d.mixture))
+    held = {
+        name: manifest["tasks"].get(name, {}).get("heldout", {}).get("rows", 0) for name in tasks
+    }
+    if not any(held.values()):
+        _say(
+            f"train: no held-out loss: {d.prepared_dir} has no held-out rows (prepared with "
+            "data.heldout_fraction=0), so train.eval_every evaluates nothing"
+        )
+        return {}
+    sources = {}
+    for name in tasks:
+        if not held[name]:
+            _say(f"train: task {name} has no held-out rows; evaluation skips it")
+            continue
+        needed = t.eval_batches * t.global_batch
+        if needed > held[name]:
+            _say(
+                f"train: task {name} has {held[name]} held-out rows, fewer than the {needed} of "
+                f"train.eval_batches x train.global_batch: its evaluation reads some twice"
+            )
+        rows = loader.MixedRows(
+            d.prepared_dir, [MixtureComponent(task=name)], d.seed, t.seq_len, vocab_checksum,
+            split="heldout",
+        )  # fmt: skip
+        sources[name] = functools.partial(_heldout_batches, rows, t.global_batch, t.eval_batches)
+    return sources
+
+
+def _heldout_batches(rows, global_batch: int, count: int) -> Iterator[dict]:
+    from tpt_jax.data import loader
+
+    # From row 0 every time: each evaluation scores the same rows, so the losses compare. No
+    # read-ahead: nothing follows the last of the `count` batches.
+    stream = loader.batches(
+        rows, 0, global_batch, jax.process_index(), jax.process_count(), prefetch=0
+    )
+    return itertools.islice(stream, count)
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message)
