@@ -71,8 +71,40 @@ def test_relative_paths_resolve_against_the_file_that_set_them(tmp_path, monkeyp
         os.path.join(cfgs, "out", "t1", "thinking", "shard-*-of-*", "chunk-*.jsonl"),
         os.path.join(cfgs, "base", "t2", "shard-*-of-*", "chunk-*.jsonl"),
     ]
-    assert cfg.checkpoint.init_from == "here/ckpt"  # the command line's: the working folder's
-    assert load_config(top).think.template != "default"
+    # The command line's (and the defaults'): against the working folder.
+    assert cfg.checkpoint.init_from == str(tmp_path / "here" / "ckpt")
+    assert load_config(None).run.root == str(tmp_path / "runs")
+
+
+def test_a_saved_config_reloads_to_the_same_paths(tmp_path, monkeypatch):
+    from tpt_jax.config import save_resolved, to_dict
+
+    monkeypatch.chdir(tmp_path)  # the default root, ./runs, is relative
+    first = load_config("configs/experiments/local/pretrain_8b_tpt.yaml")
+    saved = save_resolved(first, str(tmp_path / "runs" / "pretrain_8b_tpt"))
+    monkeypatch.chdir("/")
+    again = load_config(saved)
+    assert to_dict(again) == to_dict(first)  # think outputs not added twice, nothing moved
+    assert again.data.corpora[0].paths == [
+        str(tmp_path / "runs" / "think_qwen3-8b" / "thinking" / "shard-*-of-*" / "chunk-*.jsonl")
+    ]
+
+
+def test_a_trailing_slash_or_a_tilde_in_the_root_names_the_same_folders(monkeypatch, tmp_path):
+    exp = "configs/experiments/midtrain_qwen2.5-math-1.5b_tpt.yaml"
+    plain = load_config(exp, ["run.root=gs://my-bucket/tpt"])
+    slash = load_config(exp, ["run.root=gs://my-bucket/tpt/"])
+    assert (
+        slash.checkpoint.init_from
+        == plain.checkpoint.init_from
+        == ("gs://my-bucket/tpt/models/qwen2.5-math-1.5b")
+    )
+    assert slash.data.vocab_path == plain.data.vocab_path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tilde = load_config("configs/experiments/local/pretrain_8b_tpt.yaml", ["run.root=~/r/"])
+    assert tilde.data.prepared_dir == str(
+        tmp_path / "r" / "data" / "megamath_fineweb_tpt_8k" / "prepared"
+    )
 
 
 @pytest.mark.parametrize(
@@ -119,7 +151,7 @@ def test_tpt_config_refuses_paths_that_cannot_exist(tmp_path):
 
 def test_a_pod_run_needs_a_shared_root(tmp_path):
     exp = "configs/experiments/pretrain_8b_tpt.yaml"  # v5p-128: 16 hosts
-    with pytest.raises(ConfigError, match=r"'run.root': runs is a local folder.*16 hosts"):
+    with pytest.raises(ConfigError, match=r"'run.root': \S*/runs is a local folder.*16 hosts"):
         check_paths(load_config(exp))
     single = load_config(
         "configs/experiments/think_qwen3-8b.yaml",
@@ -154,3 +186,22 @@ def test_shipped_configs_are_found_from_any_folder(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "hidden_size: 128" in result.stdout
+
+
+def test_prepare_names_a_think_output_that_is_not_there(tmp_path):
+    from tpt_jax.data import vocab
+    from tpt_jax.data.prepare import PreparedDataError, work_items
+
+    vocab.train(("alpha beta gamma delta" for _ in range(50)), str(tmp_path / "v.model"), 290)
+    cfg = load_config(
+        "configs/experiments/local/pretrain_8b_tpt.yaml",
+        [f"run.root={tmp_path}", f"data.vocab_path={tmp_path}/v.model",
+         "data.corpora=[{name: megamath, think_outputs: [think_qwen3-8bb]}]",
+         "data.mixture=[{task: megamath_tpt}]"],
+    )  # fmt: skip
+    with pytest.raises(PreparedDataError) as error:
+        work_items(cfg)
+    assert str(error.value).startswith(
+        "task megamath_tpt: data.corpora[0].think_outputs ['think_qwen3-8bb'] hold no `tpt think` "
+        f"output yet (looked for {tmp_path}/think_qwen3-8bb/thinking/shard-*-of-*/chunk-*.jsonl)"
+    )

@@ -203,10 +203,22 @@ def _coerce(kind: type, value: Any, dotted: str, origin: str) -> Any:
         ok = isinstance(value, str)
     elif kind is list:
         ok = isinstance(value, list)
+    elif kind is dict:
+        value = _unwrap(value)
+        ok = isinstance(value, dict)
     if not ok:
         raise ConfigError(
             f"config key '{dotted}' must be {kind.__name__}, got {_describe(value)} ({origin})"
         )
+    return value
+
+
+def _unwrap(value: Any) -> Any:
+    # `key.sub=1` overrides land inside a dict field as _Override leaves; keep their parsed values.
+    if isinstance(value, _Override):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
     return value
 
 

@@ -75,18 +75,18 @@ def _file_of(origin: str) -> str | None:
 
 
 def _relative_to(base_dir: str, value: str) -> str:
-    if not value or _is_remote(value) or os.path.isabs(value) or value.startswith(("~", "{")):
+    """`value` as an absolute local path (a saved config then reloads to the same places)."""
+    if not value or _is_remote(value) or value.startswith("{"):
         return value
-    return os.path.normpath(os.path.join(base_dir, value))
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
 
 
 def _resolve_relative(cfg: Config) -> None:
-    """Rewrites, in place, relative paths set by a file against that file's folder."""
+    """Rewrites, in place, relative local paths as absolute: against the folder of the file that
+    set them, or the working folder (the command line and the defaults)."""
     for dotted, holder, name in list(_path_fields(cfg, "")):
         config_file = _file_of(origin_of(cfg.sources, dotted))
-        if config_file is None:
-            continue
-        base_dir = os.path.dirname(os.path.realpath(config_file))
+        base_dir = os.path.dirname(os.path.realpath(config_file)) if config_file else os.getcwd()
         value = getattr(holder, name)
         if name == "template" and not _looks_like_file(value):
             continue  # a built-in template's name
@@ -113,7 +113,9 @@ def _corpus_from_think(corpus: CorpusConfig, root: str) -> None:
         is_name = _is_experiment_name(entry)
         folders.append(os.path.join(root, entry, THINKING_FOLDER) if is_name else entry)
     chunks = [os.path.join(folder, THINK_CHUNKS) for folder in folders]
-    object.__setattr__(corpus, "paths", [*corpus.paths, *chunks])
+    # A saved (resolved) config lists them already: loading it again adds nothing.
+    new = [c for c in chunks if c not in corpus.paths]
+    object.__setattr__(corpus, "paths", [*corpus.paths, *new])
 
 
 def finish_paths(cfg: Config, config_path: str | None) -> Config:
@@ -125,7 +127,8 @@ def finish_paths(cfg: Config, config_path: str | None) -> Config:
         os.path.splitext(os.path.basename(config_path))[0] if config_path else "run"
     )
     object.__setattr__(run, "name", name)
-    root = run.root
+    root = run.root.rstrip("/") if run.root.rstrip("/").partition("://")[2] else run.root
+    object.__setattr__(run, "root", root)
     for _, holder, field_name in list(_path_fields(cfg, "")):
         value = getattr(holder, field_name)
         if isinstance(value, list):

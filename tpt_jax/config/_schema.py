@@ -327,6 +327,9 @@ class ThinkConfig:
             empty: <run.root>/<run.name>/thinking.
         template: built-in template name (default, random_focus, back_thinking) or a file path.
         chat_template: wrap the prompt in the model's chat template (assistant turn opened).
+        chat_template_kwargs: extra variables of the chat template, as transformers'
+            `apply_chat_template(**kwargs)` takes them (e.g. `{enable_thinking: false}` for
+            Qwen3, whose template then closes an empty <think></think> block in the prompt).
         max_document_tokens: documents are cut to this many generator tokens in the prompt.
         max_new_tokens: generation cap per document.
         temperature, top_p, top_k, seed: sampling (paper: 0.6 and 0.9); each document draws with
@@ -360,6 +363,7 @@ class ThinkConfig:
     output_dir: str = field(default="", metadata=PATH)
     template: str = field(default="default", metadata=PATH)
     chat_template: bool = True
+    chat_template_kwargs: dict = field(default_factory=dict)
     max_document_tokens: int = 2048
     max_new_tokens: int = 8192
     temperature: float = 0.6
@@ -457,7 +461,9 @@ class RunConfig:
     and <root>/data/<data.name>/ (vocabulary, prepared rows). Paths may say {root} and {name}.
 
     Attributes:
-        root: the output root, local (relative to the working directory) or gs://.
+        root: the output root, local or gs://. Relative: to the working folder when given on
+            the command line (or left at its default), to the config file's folder when set in
+            one, like every other path.
         name: the experiment's name; empty: the config file's stem.
     """
 

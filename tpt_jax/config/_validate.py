@@ -10,6 +10,10 @@ from tpt_jax.errors import ConfigError
 MESH_AXES = ("dcn_data", "dcn_fsdp", "data", "fsdp", "tensor")
 
 
+# Chat-template variables the prompt builder passes itself (tpt_jax/think/chat_template.py).
+RENDERER_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt")
+
+
 def _fail(cfg: schema.Config, key: str, message: str) -> None:
     raise ConfigError(f"config key '{key}': {message} ({cfg.source_of(key)})")
 
@@ -156,6 +160,15 @@ def validate(cfg: schema.Config) -> None:
     _positive(cfg, "think.temperature", th.temperature, allow_zero=True)
     if not 0 < th.top_p <= 1:
         _fail(cfg, "think.top_p", f"must lie in (0, 1], got {th.top_p}")
+    for name in th.chat_template_kwargs:
+        # The prompt-building code sets these itself (one user turn, the assistant turn opened).
+        if not isinstance(name, str) or name in RENDERER_VARIABLES:
+            _fail(
+                cfg,
+                f"think.chat_template_kwargs.{name}",
+                f"the prompt builder sets it; name template variables other than "
+                f"{', '.join(RENDERER_VARIABLES)}",
+            )
 
     if cfg.mesh.topology:
         try:

@@ -119,7 +119,7 @@ def _commit(folder: str, index: int, records: list[dict], lock: FolderLock) -> N
 def output_settings(cfg: Config, template) -> dict:
     """What determines a shard's output: a rerun with other values would mix two generations."""
     t = cfg.think
-    return {
+    settings = {
         "think.backend": t.backend,
         "think.model_dir": _generator_name(t),  # the generator's name: the folder may move
         "think.model_name": t.model_name if t.backend == "openai" else "",
@@ -134,6 +134,9 @@ def output_settings(cfg: Config, template) -> dict:
         "think.stop": list(t.stop),
         "think.on_length": t.on_length,
     }
+    if t.chat_template_kwargs:  # only when set: folders recorded before the key stay comparable
+        settings["think.chat_template_kwargs"] = dict(t.chat_template_kwargs)
+    return settings
 
 
 def _generator_name(t) -> str:
@@ -249,7 +252,7 @@ def _run_shard(cfg: Config, index: int, count: int, folder: str, lock: FolderLoc
     reject_file = None if storage.is_remote(folder) else os.path.join(folder, "rejects.tsv")
     rejects = RejectLog(strict=cfg.data.strict, path=reject_file)
     teacher = t.backend == "teacher"  # reads the document itself: no model, prompt or tokenizer
-    tokenizer = None if teacher else GeneratorTokenizer(t.model_dir)
+    tokenizer = None if teacher else GeneratorTokenizer(t.model_dir, t.chat_template_kwargs)
     seen: dict[str, str] = {}  # id -> where it was first read, for this shard's documents
     usable = 0  # documents of the whole corpus
 

@@ -18,7 +18,7 @@ def run_sample(
 
     t = cfg.think
     model_dir = t.model_dir or _exported_model(cfg)
-    tokenizer = GeneratorTokenizer(model_dir)
+    tokenizer = GeneratorTokenizer(model_dir, t.chat_template_kwargs)
     model_cfg, params = load_generator(model_dir, t.dtype)
     texts = [
         p if raw or not (t.chat_template and tokenizer.has_chat_template) else tokenizer.chat(p)

@@ -222,7 +222,7 @@ def start_server(
     from tpt_jax.think.slots import local_mesh
 
     t = cfg.think
-    tokenizer = GeneratorTokenizer(t.model_dir)
+    tokenizer = GeneratorTokenizer(t.model_dir, t.chat_template_kwargs)
     if max_prefill_length is None:
         max_prefill_length = default_prefill_length(cfg, tokenizer)
     check_prefill_length(max_prefill_length)
