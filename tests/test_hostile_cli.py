@@ -180,20 +180,36 @@ HOSTILE_NAMES = [
 ]
 hostile = pytest.mark.parametrize("name", HOSTILE_NAMES)
 
+# A stand-in for gcloud: records each call's argv (one JSON list per line), reports the queued
+# resource ACTIVE and, where a test wrote probes.json, answers each run-state probe (relaunch.sh's
+# `tpt-state:` query) with its next entry (the last one repeated), one `tpt-state:` line a worker.
+FAKE_GCLOUD = """\
+import json, os, sys
+folder, args = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), sys.argv[1:]
+with open(os.path.join(folder, "gcloud_calls.jsonl"), "a") as f:
+    f.write(json.dumps(args) + "\\n")
+command = next((a for a in args if a.startswith("--command=")), "")
+if args[:3] == ["compute", "tpus", "queued-resources"] and "describe" in args:
+    print("ACTIVE")
+elif "tpt-state:" in command and os.path.exists(os.path.join(folder, "probes.json")):
+    with open(os.path.join(folder, "probes.json")) as f:
+        probes = json.load(f)
+    counter = os.path.join(folder, "probes.count")
+    n = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, "w").write(str(n + 1))
+    for line in probes[min(n, len(probes) - 1)]:
+        print("tpt-state: " + line)
+"""
+
 
 @pytest.fixture
 def gcloud(tmp_path, monkeypatch):
-    """A fake `gcloud` first on PATH: records each call's argv (one JSON list per line) and
-    reports every queued resource ACTIVE. Returns the calls made so far."""
+    """The fake `gcloud` above, first on PATH. Returns the calls made so far; a test that runs
+    relaunch.sh first writes its probe answers with _answer_probes."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "gcloud_calls.jsonl"
     bin_dir.mkdir()
     fake = bin_dir / "gcloud"
-    fake.write_text(
-        f"#!{sys.executable}\nimport json, sys\n"
-        f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
-        "if sys.argv[1:4] == ['compute', 'tpus', 'queued-resources'] and 'describe' in sys.argv:\n"
-        "    print('ACTIVE')\n"
-    )
+    fake.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
 
@@ -205,20 +221,29 @@ def gcloud(tmp_path, monkeypatch):
     return recorded
 
 
+def _answer_probes(tmp_path, *rounds):
+    """The fake gcloud's answers to relaunch's run-state probes: one list of lines per round."""
+    (tmp_path / "probes.json").write_text(json.dumps(rounds))
+
+
 @pytest.fixture
 def worker(tmp_path):
-    """A TPU worker's home: ~/tpt_jax/.venv/bin/tpt prints its arguments; `tail` prints its
-    own. Evaluates a remote command there with a real `bash -c`."""
+    """A TPU worker's home: ~/tpt_jax/.venv/bin/tpt prints its arguments and $K as one JSON line;
+    `tail` prints its arguments; `curl` fails at once (no metadata server here). Evaluates a remote
+    command there with a real `bash -c`."""
     home = tmp_path / "worker"
     venv_bin = home / "tpt_jax" / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     tools = home / "tools"
     tools.mkdir()
-    for script in (venv_bin / "tpt", tools / "tail"):
-        script.write_text(
-            f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n"
-        )
-        script.chmod(0o755)
+    fakes = {
+        venv_bin / "tpt": 'print(json.dumps({"args": sys.argv[1:], "K": os.environ.get("K")}))',
+        tools / "tail": "print(json.dumps(sys.argv[1:]))",
+        tools / "curl": "sys.exit(7)",
+    }
+    for path, body in fakes.items():
+        path.write_text(f"#!{sys.executable}\nimport json, os, sys\n{body}\n")
+        path.chmod(0o755)
 
     def remote(command):
         env = {**os.environ, "HOME": str(home), "PATH": f"{tools}:{os.environ['PATH']}"}
@@ -232,7 +257,7 @@ def worker(tmp_path):
 
 def _script(name, *args):
     return subprocess.run(
-        ["bash", os.path.join(SCRIPTS, name), *args], capture_output=True, text=True, timeout=120
+        ["bash", os.path.join(SCRIPTS, name), *args], capture_output=True, text=True, timeout=60
     )
 
 
@@ -247,12 +272,34 @@ def _no_canary(home):
 
 
 def _wait_for(path, timeout=30):
+    """The text of `path` once something is written there (the launch runs in the background)."""
     import time
 
     deadline = time.time() + timeout
     while not (path.exists() and path.read_text()) and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     return path.read_text() if path.exists() else ""
+
+
+def _launched(home, run):
+    """The launched run's record once it has ended: what tpt printed (its last log line, as JSON),
+    the sub-command launch.sh recorded and tpt's exit status. Nothing else is named after the run
+    than its .log, .cmd, .pid and .exit."""
+    files = home / "tpt_logs"
+    status = _wait_for(files / f"{run}.exit")
+    assert set(os.listdir(files)) == {f"{run}.{x}" for x in ("cmd", "exit", "log", "pid")}
+    wrapper, tpt = (files / f"{run}.pid").read_text().split()
+    assert wrapper.isdigit() and tpt.isdigit()
+    printed = json.loads((files / f"{run}.log").read_text().splitlines()[-1])
+    return printed, (files / f"{run}.cmd").read_text(), status
+
+
+def _status_probe(gcloud, run):
+    """The run-state probe status.sh sends to every worker for `run`."""
+    before = len(gcloud())
+    assert _script("status.sh", *RESOURCE, "--run", run).returncode == 0
+    (probe,) = _remote_commands(gcloud()[before:])
+    return probe
 
 
 @hostile
@@ -263,12 +310,13 @@ def test_launch_passes_a_hostile_run_name_literally(name, gcloud, worker):
     assert result.returncode == 0, result.stderr
     (command,) = _remote_commands(gcloud())
     assert remote(command).returncode == 0
-    log = home / "tpt_logs" / f"{name}.log"
-    written = _wait_for(log)
+    printed, subcommand, status = _launched(home, name)
     _no_canary(home)
-    assert json.loads(written.splitlines()[-1]) == ["train", "c y.yaml", "x=$(touch canary5)"]
-    # Nothing else is named after the run than its log, pid and exit-status files.
-    assert sorted(os.listdir(home / "tpt_logs")) <= sorted(f"{name}.{x}" for x in ("exit", "log", "pid"))
+    assert printed == {"args": ["train", "c y.yaml", "x=$(touch canary5)"], "K": "$(touch canary4)"}
+    assert (subcommand, status) == ("train\n", "0\n")
+    # status.sh finds the run's files: a train that exited 0 without "tpt: run complete" stopped.
+    assert remote(_status_probe(gcloud, name)).stdout == "tpt-state: stopped 0 ?\n"
+    _no_canary(home)
 
 
 @hostile
@@ -280,31 +328,79 @@ def test_logs_streams_and_collects_a_hostile_run_name_literally(name, gcloud, wo
     (command,) = _remote_commands(gcloud())
     streamed = remote(command)
     assert json.loads(streamed.stdout)[-1] == f"{home}/tpt_logs/{name}.log", streamed.stderr
-    result = _script("logs.sh", *RESOURCE, "--run", name, "--collect", str(tmp_path / "c"))
+    # v5p-16: two hosts, copied one at a time.
+    result = _script("logs.sh", *RESOURCE, "--run", name, "--collect", str(tmp_path / "c"),
+                     "--accelerator-type", "v5p-16")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    (scp,) = [call for call in gcloud() if "scp" in call]
-    # scp's remote path is read by the remote shell (`scp -f PATH`): it must name the file.
-    remote_path = next(a for a in scp if a.startswith("tpt:")).split(":", 1)[1]
-    assert remote(f"cat {remote_path}").stdout == "the log\n"
+    scps = [call for call in gcloud() if "scp" in call]
+    assert [next(a for a in scp if a.startswith("--worker=")) for scp in scps] == [
+        "--worker=0",
+        "--worker=1",
+    ]
+    for scp in scps:
+        # scp's remote path is read by the remote shell (`scp -f PATH`): it must name the file.
+        remote_path = next(a for a in scp if a.startswith("tpt:")).split(":", 1)[1]
+        assert remote(f"cat {remote_path}").stdout == "the log\n"
+    _no_canary(home)
+
+
+def _relaunch(*args):
+    """relaunch.sh on one host (v5p-8) against the fake gcloud, polling without a pause."""
+    return _script("relaunch.sh", *RESOURCE, "--accelerator-type", "v5p-8", "--repo", "r",
+                   "--commit", "c", "--poll", "0", "--max-restarts", "0", *args)  # fmt: skip
+
+
+@hostile
+def test_relaunch_passes_a_hostile_command_literally(name, gcloud, worker, tmp_path):
+    """The hostile word is the tpt sub-command, hence also the run name (the default)."""
+    home, remote = worker
+    _answer_probes(tmp_path, ["none - 0"], ["done 0 0"])
+    result = _relaunch("--", name, "c.yaml")
+    assert result.returncode == 0 and f"{name} finished on all 1 workers" in result.stdout, (
+        result.stdout + result.stderr
+    )
+    probe, setup, launch, probe_again = _remote_commands(gcloud())
+    assert "git checkout" in setup and probe == probe_again
+    # On the worker, the probe reads the run's own files: nothing yet, then tpt's exit status.
+    assert remote(probe).stdout == "tpt-state: none - ?\n"
+    assert remote(launch).returncode == 0
+    printed, subcommand, status = _launched(home, name)
+    _no_canary(home)
+    assert printed == {"args": [name, "c.yaml"], "K": None}
+    assert (subcommand, status) == (f"{name}\n", "0\n")
+    # Not train or think: exit 0 is done, for relaunch's probe and for status.sh's, which reads
+    # the sub-command from the worker's RUN.cmd.
+    assert remote(probe).stdout == "tpt-state: done 0 ?\n"
+    assert remote(_status_probe(gcloud, name)).stdout == "tpt-state: done 0 ?\n"
     _no_canary(home)
 
 
 @hostile
-def test_relaunch_passes_a_hostile_command_literally(name, gcloud, worker):
+def test_relaunch_reads_and_reports_a_hostile_run_name_literally(name, gcloud, worker, tmp_path):
+    """A hostile --run of `train`: the probe finds its log and exit status, and giving up (a
+    failure, --max-restarts 0) shows the tail of that log."""
     home, remote = worker
-    result = _script("relaunch.sh", *RESOURCE, "--accelerator-type", "v5p-8", "--repo", "r",
-                     "--commit", "c", "--poll", "0", "--", name, "c.yaml")  # fmt: skip
-    assert result.returncode == 0 and "finished" in result.stdout, result.stderr
-    setup, launch, finished = _remote_commands(gcloud())
-    assert "git checkout" in setup and "grep" in finished
+    _answer_probes(tmp_path, ["none - 0"], ["failed 3 0"])
+    result = _relaunch("--run", name, "--", "train", "c y.yaml", "x=$(touch canary5)")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{name} exited with status 3 on tpt worker 0; stopping after 0 restarts" in (
+        result.stderr
+    )
+    probe, _, launch, _, tail = _remote_commands(gcloud())
+    assert "--worker=0" in gcloud()[-1]  # the tail comes from the worker that failed
     assert remote(launch).returncode == 0
-    log = home / "tpt_logs" / f"{name}.log"
-    written = _wait_for(log)
+    printed, subcommand, status = _launched(home, name)
     _no_canary(home)
-    assert json.loads(written.splitlines()[-1]) == [name, "c.yaml"]
-    assert remote(finished).returncode == 1  # the log has no completion line yet
-    log.write_text("tpt: run complete\n")
-    assert remote(finished).returncode == 0
+    assert printed == {"args": ["train", "c y.yaml", "x=$(touch canary5)"], "K": None}
+    assert (subcommand, status) == ("train\n", "0\n")
+    # exit 0 without "tpt: run complete" in the log: stopped early (a SIGTERM), to be resumed.
+    assert remote(probe).stdout == "tpt-state: stopped 0 ?\n"
+    with open(home / "tpt_logs" / f"{name}.log", "a") as log:
+        log.write("tpt: run complete\n")
+    assert remote(probe).stdout == "tpt-state: done 0 ?\n"
+    (home / "tpt_logs" / f"{name}.exit").write_text("3\n")
+    assert remote(probe).stdout == "tpt-state: failed 3 ?\n"
+    assert json.loads(remote(tail).stdout) == ["-n", "30", f"{home}/tpt_logs/{name}.log"]
     _no_canary(home)
 
 

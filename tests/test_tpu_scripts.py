@@ -27,7 +27,7 @@ INSTALL = (
     '--python 3.11 .venv; }; uv pip install --quiet --python .venv/bin/python -e ".[tpu]"'
 )
 STOP_PREVIOUS = (
-    'if [ -f "$f.pid" ] && read -r p c < "$f.pid"; then kill "$p" 2>/dev/null; if grep -qa tpt '
+    'if [ -f "$f.pid" ] && read -r p c < "$f.pid"; then [ -f "$f.exit" ] || kill "$p" 2>/dev/null; if grep -qa tpt '
     '"/proc/$c/cmdline" 2>/dev/null; then kill "$c"; i=0; while grep -qa tpt "/proc/$c/cmdline" '
     '2>/dev/null && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done; kill -9 "$c" 2>/dev/null; fi; fi; '
     'rm -f "$f.exit" "$f.pid"'
@@ -45,9 +45,10 @@ def _ssh(node, command, worker="all"):
     )
 
 
-def _launch_command(run, env_and_args):
+def _launch_command(run, env_and_args, subcommand="train"):
     return (
-        f"mkdir -p ~/tpt_logs; cd ~/tpt_jax; f=~/tpt_logs/{run}; {STOP_PREVIOUS}; ( trap '' HUP; "
+        f"mkdir -p ~/tpt_logs; cd ~/tpt_jax; f=~/tpt_logs/{run}; {STOP_PREVIOUS}; "
+        f"printf '%s\\n' {subcommand} > \"$f.cmd\"; ( trap '' HUP; "
         f'env{env_and_args} > "$f.log" 2>&1 & echo "$BASHPID $!" > "$f.pid"; wait $!; '
         'echo $? > "$f.exit" ) > /dev/null 2>&1 &'
     )
@@ -131,14 +132,110 @@ def test_setup_ships_the_checkout_and_builds_python_311(tmp_path):
 
 
 def test_setup_from_a_pushed_commit():
-    assert _dry("setup.sh", "--repo", "https://github.com/o/tpt_jax.git", "--commit", COMMIT) == [
+    url = "https://github.com/o/tpt_jax.git"
+    assert _dry("setup.sh", "--repo", url, "--commit", COMMIT) == [
         _ssh(
             "tpt",
-            "set -e; [ -d ~/tpt_jax/.git ] || git clone --quiet https://github.com/o/tpt_jax.git "
-            f"~/tpt_jax; cd ~/tpt_jax; git fetch --quiet origin; git checkout --quiet {COMMIT}; "
-            + INSTALL,
+            "set -e; mkdir -p ~/tpt_jax; cd ~/tpt_jax; [ -d .git ] || git init --quiet; "
+            f"if git remote get-url origin >/dev/null 2>&1; then git remote set-url origin {url}; "
+            f"else git remote add origin {url}; fi; git fetch --quiet origin; "
+            f"git checkout --quiet --force {COMMIT}; " + INSTALL,
         )
     ]
+
+
+def _git(folder, *args):
+    return subprocess.run(
+        ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def _repo_with_one_file(folder, text):
+    """A git repository holding a.txt = `text` in one commit; returns the commit's hash."""
+    folder.mkdir()
+    _git(folder, "init", "--quiet")
+    (folder / "a.txt").write_text(text)
+    _git(folder, "add", "a.txt")
+    _git(folder, "commit", "--quiet", "-m", text)
+    return _git(folder, "rev-parse", "HEAD")
+
+
+def test_setup_from_a_repo_over_a_shipped_checkout_and_after_the_url_changed(tmp_path):
+    """setup.sh --repo, run by bash in a worker's home: a checkout shipped earlier (files and a
+    .venv, no .git) becomes a clone at the commit, the .venv kept; a later --repo with another URL
+    fetches from that URL."""
+    first = _repo_with_one_file(tmp_path / "first", "one")
+    second = _repo_with_one_file(tmp_path / "second", "two")
+    home = tmp_path / "home"
+    (home / "tpt_jax/.venv/bin").mkdir(parents=True)
+    (home / "tpt_jax/a.txt").write_text("shipped")
+    (home / ".local/bin").mkdir(parents=True)
+    for stub in (home / "tpt_jax/.venv/bin/python", home / ".local/bin/uv"):  # install: no-ops
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
+    env = {**os.environ, "HOME": str(home)}
+
+    def setup(url, commit):
+        (line,) = _dry("setup.sh", "--repo", url, "--commit", commit)
+        result = subprocess.run(["bash", "-c", _remote(line)], env=env, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+    setup(str(tmp_path / "first"), first)
+    assert _git(home / "tpt_jax", "rev-parse", "HEAD") == first
+    assert (home / "tpt_jax/a.txt").read_text() == "one"
+    assert (home / "tpt_jax/.venv/bin/python").exists()
+    setup(str(tmp_path / "second"), second)
+    assert _git(home / "tpt_jax", "rev-parse", "HEAD") == second
+    assert _git(home / "tpt_jax", "remote", "get-url", "origin") == str(tmp_path / "second")
+    assert (home / "tpt_jax/a.txt").read_text() == "two"
+
+
+def test_setup_and_relaunch_resolve_the_commit_first(tmp_path):
+    """--commit takes any revision of the checkout: a branch with '/' names the tarball by its
+    hash (the archive is written), HEAD still warns of uncommitted changes, and relaunch.sh ships
+    the hash it resolved at the start to every recreation."""
+    checkout = tmp_path / "checkout"
+    (checkout / "tpu_scripts").mkdir(parents=True)
+    for script in glob.glob(os.path.join(SCRIPTS, "*.sh")):
+        with open(script) as f:
+            (checkout / "tpu_scripts" / os.path.basename(script)).write_text(f.read())
+    _git(checkout, "init", "--quiet")
+    _git(checkout, "add", ".")
+    _git(checkout, "commit", "--quiet", "-m", "scripts")
+    _git(checkout, "branch", "team/feature")
+    head = _git(checkout, "rev-parse", "HEAD")
+    bin_dir, tmp = tmp_path / "bin", tmp_path / "tmp"
+    bin_dir.mkdir()
+    tmp.mkdir()
+    (bin_dir / "gcloud").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {**os.environ, "TMPDIR": str(tmp), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def script(name, *args):
+        return subprocess.run(["bash", str(checkout / "tpu_scripts" / name), *BASE, *args],
+                              capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+
+    dry = script("setup.sh", "--dry-run", "--commit", "team/feature")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[0] == (
+        f"git -C {checkout} archive --format=tar.gz --output={tmp}/tpt_jax-{head}.tar.gz {head}"
+    )
+    shipped = script("setup.sh", "--commit", "team/feature")  # git archive really writes it
+    assert shipped.returncode == 0, shipped.stderr
+    assert os.listdir(tmp) == []  # and the tarball is removed once copied
+    (checkout / "tpu_scripts/teardown.sh").write_text("# changed\n")
+    assert "uncommitted changes are not shipped" in script("setup.sh", "--dry-run").stderr
+    assert (
+        "uncommitted changes are not shipped"
+        in script("setup.sh", "--dry-run", "--commit", "HEAD").stderr
+    )
+    lines = script("relaunch.sh", "--dry-run", "--accelerator-type", "v5p-8", "--repo", "r",
+                   "--commit", "team/feature", "--", "train", "c.yaml").stdout.splitlines()  # fmt: skip
+    assert f"git checkout --quiet --force {head};" in lines[3]
+    missing = script("setup.sh", "--dry-run", "--commit", "no-such-branch")
+    assert missing.returncode == 2 and "--commit 'no-such-branch' is not a commit" in missing.stderr
 
 
 def test_setup_can_mount_a_bucket():
@@ -169,9 +266,11 @@ def _is_tpt(pid):
         return False
 
 
-def test_worker_side_launch_records_exit_status_and_replaces_a_running_run(tmp_path):
-    """launch.sh's and relaunch.sh's worker commands, run here by bash with a fake tpt: the exit
-    status lands in ~/tpt_logs/RUN.exit, the probe reads it, and a new launch stops the old run."""
+def _worker(tmp_path):
+    """A worker's environment for running the scripts' remote commands here with bash: HOME with
+    a fake ~/tpt_jax/.venv/bin/tpt (prints its arguments; `long` runs until SIGTERM, then exits
+    0; `train X sigterm` exits 0 as a SIGTERM-stopped run does; `train` otherwise prints the
+    completion line; exit status $CODE) and no metadata server. Returns (home, env)."""
     home = tmp_path / "home"
     (home / "tpt_jax/.venv/bin").mkdir(parents=True)
     tpt = home / "tpt_jax/.venv/bin/tpt"
@@ -179,6 +278,7 @@ def test_worker_side_launch_records_exit_status_and_replaces_a_running_run(tmp_p
         '#!/bin/bash\necho "args: $*"\n'
         "if [ \"$1\" = long ]; then trap 'echo stopped; exit 0' TERM; "
         "while :; do sleep 0.05; done; fi\n"
+        '[ "$3" = sigterm ] && exit 0\n'
         '[ "$1" = train ] && echo \'tpt: run complete\'\nexit "${CODE:-0}"\n'
     )
     tpt.chmod(0o755)
@@ -186,22 +286,37 @@ def test_worker_side_launch_records_exit_status_and_replaces_a_running_run(tmp_p
     fake_bin.mkdir()
     (fake_bin / "curl").write_text("#!/bin/sh\nexit 7\n")  # no metadata server here
     (fake_bin / "curl").chmod(0o755)
-    env = {**os.environ, "HOME": str(home), "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    return home, {**os.environ, "HOME": str(home), "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+
+
+def _launch_on(env, run, *args):
+    (line,) = _dry("launch.sh", "--run", run, *args)
+    subprocess.run(["bash", "-c", _remote(line)], env=env, check=True, timeout=60)
+
+
+def _settled_state(env, probe):
+    """The probe's line once the run has started and ended (neither running nor none)."""
+    for _ in range(200):
+        out = subprocess.run(["bash", "-c", probe], env=env, capture_output=True, text=True)
+        if "running" not in out.stdout and "none" not in out.stdout:
+            return out.stdout.strip()
+        time.sleep(0.05)
+    return out.stdout.strip()
+
+
+def test_worker_side_launch_records_exit_status_and_replaces_a_running_run(tmp_path):
+    """launch.sh's and relaunch.sh's worker commands, run here by bash with a fake tpt: the exit
+    status lands in ~/tpt_logs/RUN.exit, the probe reads it, and a new launch stops the old run."""
+    home, env = _worker(tmp_path)
     # relaunch's probe for `train`: exit 0 is done only with "tpt: run complete" in the log.
     probe = _remote(_dry("relaunch.sh", "--accelerator-type", "v5p-8", "--run", "r", "--commit",
-                         COMMIT, "--", "train", "c.yaml")[1])  # fmt: skip
+                         COMMIT, "--repo", "u", "--", "train", "c.yaml")[1])  # fmt: skip
 
     def launch(*args):
-        (line,) = _dry("launch.sh", "--run", "r", *args)
-        subprocess.run(["bash", "-c", _remote(line)], env=env, check=True, timeout=60)
+        _launch_on(env, "r", *args)
 
     def state():
-        for _ in range(200):
-            out = subprocess.run(["bash", "-c", probe], env=env, capture_output=True, text=True)
-            if "running" not in out.stdout and "none" not in out.stdout:  # started and ended
-                return out.stdout.strip()
-            time.sleep(0.05)
-        return out.stdout.strip()
+        return _settled_state(env, probe)
 
     launch("--env", "CODE=3", "--", "eval", "a b")
     assert state() == "tpt-state: failed 3 ?"
@@ -222,6 +337,43 @@ def test_worker_side_launch_records_exit_status_and_replaces_a_running_run(tmp_p
     assert (home / "tpt_logs/r.log").read_text() == "args: train c.yaml\ntpt: run complete\n"
 
 
+def test_a_new_launch_leaves_alone_the_pid_of_a_run_that_ended(tmp_path):
+    """The previous run's wrapper wrote RUN.exit and ended; its pid may be another process now."""
+    home, env = _worker(tmp_path)
+    _launch_on(env, "r", "--", "eval")
+    for _ in range(200):
+        if (home / "tpt_logs/r.exit").exists():
+            break
+        time.sleep(0.05)
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        (home / "tpt_logs/r.pid").write_text(f"{bystander.pid} {bystander.pid}\n")
+        _launch_on(env, "r", "--", "eval")
+        time.sleep(0.5)
+        assert bystander.poll() is None  # not killed
+    finally:
+        bystander.kill()
+
+
+def test_status_tells_a_train_run_stopped_by_sigterm_from_a_finished_one(tmp_path):
+    """status.sh's probe knows the run's sub-command from launch.sh's ~/tpt_logs/RUN.cmd, whatever
+    the run is called: a `train` exiting 0 without "tpt: run complete" was stopped, not done."""
+    home, env = _worker(tmp_path)
+
+    def status(run):
+        return _settled_state(env, _remote(_dry("status.sh", "--run", run)[-1]))
+
+    _launch_on(env, "pretrain", "--", "train", "c.yaml", "sigterm")
+    assert status("pretrain") == "tpt-state: stopped 0 ?"
+    assert (home / "tpt_logs/pretrain.cmd").read_text() == "train\n"
+    _launch_on(env, "pretrain", "--", "train", "c.yaml")
+    assert status("pretrain") == "tpt-state: done 0 ?"
+    _launch_on(env, "heldout", "--", "eval", "c.yaml")  # eval prints no completion line
+    assert status("heldout") == "tpt-state: done 0 ?"
+    (home / "tpt_logs/heldout.cmd").unlink()  # launched before launch.sh wrote .cmd: unknown,
+    assert status("heldout") == "tpt-state: stopped 0 ?"  # so done only with the line
+
+
 def test_single_host():
     assert _dry("create.sh", "--accelerator-type", "v6e-8") == [
         f"gcloud compute tpus tpu-vm create tpt {WHERE} --accelerator-type=v6e-8 "
@@ -229,7 +381,7 @@ def test_single_host():
     ]
     assert _dry("launch.sh", "--", "think", "configs/experiments/think_qwen3-8b.yaml") == [
         _ssh("tpt", _launch_command("think", " .venv/bin/tpt think "
-                                    "configs/experiments/think_qwen3-8b.yaml"))
+                                    "configs/experiments/think_qwen3-8b.yaml", "think"))
     ]  # fmt: skip
     assert _dry("logs.sh", "--collect", "out", "--accelerator-type", "v6e-8") == [
         "mkdir -p out/tpt",
@@ -366,9 +518,10 @@ def test_relaunch_round():
     assert lines[2].endswith(" --spot --network=net --internal-ips")  # kept for every recreation
 
 
-# A stand-in for gcloud: answers `queued-resources describe` and the run-state ssh from scripted
+# A stand-in for gcloud: answers `queued-resources describe`, `tpu-vm describe` (NOT_FOUND unless
+# scripted), the run-state ssh and the setup ssh's exit status (0 unless scripted) from scripted
 # lists (one entry per call, the last one repeated), `tail` with two log lines, anything else with
-# nothing, and records every call's arguments.
+# nothing; records every call's arguments, and warns on stderr of an update, as gcloud does.
 FAKE_GCLOUD = textwrap.dedent(
     """\
     import json, os, sys
@@ -377,8 +530,11 @@ FAKE_GCLOUD = textwrap.dedent(
     with open(os.path.join(folder, "calls.jsonl"), "a") as f:
         f.write(json.dumps(args) + "\\n")
     command = next((a for a in args if a.startswith("--command=")), "")
+    print("WARNING: Some update is available; run gcloud components update", file=sys.stderr)
 
-    def answer(kind):
+    def answer(kind, default):
+        if not os.path.exists(os.path.join(folder, kind + ".json")):
+            return default
         with open(os.path.join(folder, kind + ".json")) as f:
             script = json.load(f)
         counter = os.path.join(folder, kind + ".count")
@@ -386,15 +542,17 @@ FAKE_GCLOUD = textwrap.dedent(
         open(counter, "w").write(str(n + 1))
         return script[min(n, len(script) - 1)]
 
-    if args[:3] == ["compute", "tpus", "queued-resources"] and args[3] == "describe":
-        state = answer("describe")
+    if args[:2] == ["compute", "tpus"] and args[3] == "describe":
+        state = answer("describe" if args[2] == "queued-resources" else "vm", "NOT_FOUND")
         if state in ("NOT_FOUND", "UNREACHABLE"):
-            print(f"ERROR: (gcloud.compute.tpus.queued-resources.describe) {state}", file=sys.stderr)
+            print(f"ERROR: (gcloud.compute.tpus.{args[2]}.describe) {state}", file=sys.stderr)
             sys.exit(1)
         print(state)
     elif "tpt-state:" in command:
-        for line in answer("probe"):
+        for line in answer("probe", []):
             print("tpt-state: " + line)
+    elif "uv pip install" in command:
+        sys.exit(answer("setup", 0))
     elif command.startswith("--command=tail"):
         print("step 7: loss nan")
         print("tpt: error: the loss is not finite")
@@ -402,15 +560,19 @@ FAKE_GCLOUD = textwrap.dedent(
 )
 
 
-def _relaunch(tmp_path, describe, probe, *extra):
+def _relaunch(tmp_path, describe, probe, *extra, vm=None, setup=None):
     """Runs relaunch.sh (v5p-16: 2 workers, poll 0 s) against the fake gcloud: its result and the
-    gcloud calls it made, each reduced to its kind."""
+    gcloud calls it made, each reduced to its kind. `vm` scripts `tpu-vm describe`, `setup` the
+    setup ssh's exit statuses."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     (bin_dir / "gcloud").write_text(f"#!{sys.executable}\n" + FAKE_GCLOUD)
     (bin_dir / "gcloud").chmod(0o755)
     (tmp_path / "describe.json").write_text(json.dumps(describe))
     (tmp_path / "probe.json").write_text(json.dumps(probe))
+    for kind, script in (("vm", vm), ("setup", setup)):
+        if script is not None:
+            (tmp_path / f"{kind}.json").write_text(json.dumps(script))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_GCLOUD": str(tmp_path)}
     result = _run("relaunch.sh", *BASE, "--accelerator-type", "v5p-16", "--spot", "--repo", "r",
                   "--commit", COMMIT, "--poll", "0", *extra, "--", "train", "c.yaml",
@@ -430,6 +592,118 @@ def _relaunch(tmp_path, describe, probe, *extra):
         else:
             calls.append(" ".join(args[2:4]))
     return result, calls
+
+
+def test_relaunch_reads_the_state_apart_from_gcloud_warnings(tmp_path):
+    """gcloud's warnings on stderr are not part of the queued resource's state: ACTIVE is seen."""
+    result, calls = _relaunch(
+        tmp_path, ["ACTIVE"], [["none - 0", "none - 1"], ["done 0 0", "done 0 1"]]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: Some update is available" in result.stderr  # the fake did warn
+    assert "is ACTIVE; setting up and launching train" in result.stdout
+    assert calls[:4] == ["queued-resources describe", "probe", "setup", "launch"]
+
+
+def test_relaunch_refuses_a_tpu_vm_without_a_queued_resource(tmp_path):
+    """A TPU VM created without a queued resource is named and refused at the start, never
+    clashed with by `queued-resources create`; a queued resource's VM still being deleted after
+    the resource is gone is waited for."""
+    result, calls = _relaunch(tmp_path, ["NOT_FOUND"], [], vm=["READY"])
+    assert result.returncode == 2
+    assert calls == ["queued-resources describe", "tpu-vm describe"]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "relaunch.sh: error: tpt is a TPU VM without a queued resource (create.sh without "
+        "--spot, --queued or --slices); relaunch.sh watches queued resources: delete it "
+        "(teardown.sh) and create it with create.sh --queued, or watch it with status.sh"
+    )
+    result, calls = _relaunch(
+        tmp_path / "later",
+        ["SUSPENDED", "NOT_FOUND", "NOT_FOUND", "ACTIVE"],
+        [["none - 0", "none - 1"], ["done 0 0", "done 0 1"]],
+        vm=["DELETING", "NOT_FOUND"],
+    )
+    assert result.returncode == 0, result.stderr
+    assert calls[:8] == [
+        "queued-resources describe", "queued-resources delete", "queued-resources create",
+        "queued-resources describe", "tpu-vm describe",  # its VM is still there: wait
+        "queued-resources describe", "tpu-vm describe", "queued-resources create",
+    ]  # fmt: skip
+    assert "its TPU VM is still there (DELETING); waiting" in result.stdout
+
+
+def test_relaunch_stops_at_once_on_a_user_error(tmp_path):
+    """tpt exits 2 on a user error (a config key, a checkpoint of other settings): relaunching
+    cannot help, so relaunch.sh stops at the first one (even beside another worker's failure),
+    with the reason and that worker's log tail."""
+    result, calls = _relaunch(
+        tmp_path, ["ACTIVE"], [["none - 0", "none - 1"], ["failed 1 0", "failed 2 1"]]
+    )
+    assert result.returncode == 1
+    assert calls == [
+        "queued-resources describe", "probe", "setup", "launch",
+        "queued-resources describe", "probe", "tail --worker=1",
+    ]  # fmt: skip
+    assert (
+        "relaunch.sh: error: train exited with status 2 on tpt worker 1: a user error (config or "
+        "checkpoint settings); not relaunching" in result.stderr
+    )
+    assert "tpt: error: the loss is not finite" in result.stderr
+
+
+def test_relaunch_sets_up_again_when_tpt_is_missing_without_using_restarts(tmp_path):
+    """Exit 127 (no ~/tpt_jax/.venv/bin/tpt: setup did not finish) runs setup again before the
+    launch, and is no restart: even with --max-restarts 0 the run goes on."""
+    result, calls = _relaunch(
+        tmp_path,
+        ["ACTIVE"],
+        [["none - 0", "none - 1"], ["failed 127 0", "failed 127 1"], ["running - 0", "running - 1"],
+         ["done 0 0", "done 0 1"]],
+        "--max-restarts", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert calls == [
+        "queued-resources describe", "probe", "setup", "launch",
+        "queued-resources describe", "probe", "setup", "launch",
+        "queued-resources describe", "probe",
+        "queued-resources describe", "probe",
+    ]  # fmt: skip
+    assert "tpt is not installed on tpt worker 0 (exit 127)" in result.stdout
+
+
+def test_relaunch_retries_a_failed_setup_before_launching(tmp_path):
+    """A setup that failed is retried at the next round, and nothing is launched on a half-set-up
+    slice; three failed setups in a row stop relaunch.sh."""
+    result, calls = _relaunch(
+        tmp_path, ["ACTIVE"], [["none - 0", "none - 1"], ["none - 0", "none - 1"],
+                               ["done 0 0", "done 0 1"]], setup=[1, 0],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert calls == [
+        "queued-resources describe", "probe", "setup",
+        "queued-resources describe", "probe", "setup", "launch",
+        "queued-resources describe", "probe",
+    ]  # fmt: skip
+    assert "relaunch: setup.sh failed; setting up again at the next round" in result.stderr
+    result, calls = _relaunch(tmp_path / "never", ["ACTIVE"], [["none - 0", "none - 1"]], setup=[1])
+    assert result.returncode == 1 and calls.count("setup") == 3 and "launch" not in calls
+    assert "train did not start after 3 setups in a row" in result.stderr
+
+
+def test_relaunch_resets_the_restart_count_after_progress(tmp_path):
+    """A run seen running at two polls in a row (a full poll interval) has made progress: its
+    earlier restarts no longer count against --max-restarts."""
+    result, calls = _relaunch(
+        tmp_path,
+        ["ACTIVE"],
+        [["none - 0", "none - 1"], ["failed 1 0", "running - 1"], ["running - 0", "running - 1"],
+         ["running - 0", "running - 1"], ["running - 0", "failed 1 1"],
+         ["running - 0", "running - 1"], ["done 0 0", "done 0 1"]],
+        "--max-restarts", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert calls.count("launch") == 3 and calls.count("setup") == 1
+    assert result.stdout.count("launching again (restart 1 of 1)") == 2
 
 
 def test_relaunch_stops_with_success_when_every_worker_finished(tmp_path):
@@ -490,7 +764,8 @@ def test_relaunch_recreates_a_preempted_queued_resource(tmp_path):
     assert calls == [
         "queued-resources describe", "probe",  # already running: watched, not launched again
         "queued-resources describe", "queued-resources delete", "queued-resources create",
-        "queued-resources describe", "queued-resources create",  # gone: created again
+        "queued-resources describe", "tpu-vm describe",  # gone, and its VM too:
+        "queued-resources create",  # created again
         "queued-resources describe",  # the API did not answer: wait, never recreate
         "queued-resources describe", "probe", "setup", "launch",
         "queued-resources describe", "probe",

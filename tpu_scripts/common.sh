@@ -170,16 +170,37 @@ run_files() {
 # A worker's view of a run, as one line `tpt-state: STATE STATUS WORKER` (relaunch.sh parses it):
 # done (exit 0; for train and think also "tpt: run complete" in the log, else a SIGTERM stop,
 # `stopped`), failed (exit status non-zero), running, or none (no exit status and no process).
+# The sub-command is the second argument, or else read from the worker's RUN.cmd (launch.sh writes
+# it); where neither tells it, exit 0 counts as done only with the completion line.
 # WORKER is the TPU VM metadata's agent-worker-number, `?` where the metadata server is unreachable.
 run_state_probe() {
-  local run="$1" subcommand="$2" complete="true"
-  [[ "$subcommand" == train || "$subcommand" == think ]] && complete="grep -q '^tpt: run complete' \"\$f.log\""
+  local run="$1" subcommand="${2:-}" known
+  # shellcheck disable=SC2016  # expanded on the worker
+  known='k=$(cat "$f.cmd" 2>/dev/null || true)'
+  [[ -n "$subcommand" ]] && known="k=$(printf '%q' "$subcommand")"
+  local complete="{ [ -n \"\$k\" ] && [ \"\$k\" != train ] && [ \"\$k\" != think ]; } || grep -q '^tpt: run complete' \"\$f.log\""
   local steps=(
     "$(run_files "$run")"
+    "$known"
     "w=\$(curl -sf -m 5 -H 'Metadata-Flavor: Google' http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || echo '?')"
     "if [ -f \"\$f.exit\" ]; then s=\$(cat \"\$f.exit\"); if [ \"\$s\" != 0 ]; then echo \"tpt-state: failed \$s \$w\"; elif $complete; then echo \"tpt-state: done 0 \$w\"; else echo \"tpt-state: stopped 0 \$w\"; fi; elif [ -f \"\$f.pid\" ] && read -r _ c < \"\$f.pid\" && kill -0 \"\$c\" 2>/dev/null; then echo \"tpt-state: running - \$w\"; else echo \"tpt-state: none - \$w\"; fi"
   )
   local joined
   joined="$(printf '%s; ' "${steps[@]}")"
   echo "${joined%; }"
+}
+
+# Sets COMMIT to the full hash of --commit (default HEAD) in the checkout $1, so that a branch or
+# HEAD names one fixed commit for every worker and recreation (and a name with '/' never reaches
+# a file name). With --repo ($2 not empty) a revision the checkout lacks is left as given, for the
+# workers' clone to resolve.
+resolve_commit() {
+  local checkout="$1" repo="$2" hash
+  if hash="$(git -C "$checkout" rev-parse --verify --quiet "${COMMIT:-HEAD}^{commit}" 2>/dev/null)"; then
+    COMMIT="$hash"
+  elif [[ -z "$COMMIT" ]]; then
+    die "$checkout is not a git checkout: give --commit and --repo"
+  elif [[ -z "$repo" ]]; then
+    die "--commit '$COMMIT' is not a commit of $checkout"
+  fi
 }

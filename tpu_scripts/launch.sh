@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a tpt command on every worker of every slice, in the background, logging to
-# ~/tpt_logs/RUN.log on each worker and writing tpt's exit status to ~/tpt_logs/RUN.exit when it
-# ends (relaunch.sh and status.sh read it). A run of the same name still going on a worker is
+# ~/tpt_logs/RUN.log on each worker, its sub-command to RUN.cmd and tpt's exit status to RUN.exit
+# when it ends (relaunch.sh and status.sh read them). A run of the same name still going on a worker is
 # stopped first (SIGTERM: training saves a checkpoint). JAX finds its peers on a TPU slice by
 # itself; for several slices the MEGASCALE_* variables below tell each slice who it is.
 # shellcheck source=tpu_scripts/common.sh source-path=SCRIPTDIR
@@ -52,9 +52,10 @@ if ((SLICES > 1)); then  # slices meet over DCN at worker 0 of slice 0
 fi
 
 # The previous run of this name: its wrapper is killed first (so that it records no exit status
-# after this launch clears it), then tpt gets SIGTERM and up to 300 s to save and exit.
+# after this launch clears it), then tpt gets SIGTERM and up to 300 s to save and exit. A wrapper
+# that wrote RUN.exit has ended, and its pid may belong to another process by now: left alone.
 # shellcheck disable=SC2016  # expanded on the worker
-stop_previous='if [ -f "$f.pid" ] && read -r p c < "$f.pid"; then kill "$p" 2>/dev/null; if grep -qa tpt "/proc/$c/cmdline" 2>/dev/null; then kill "$c"; i=0; while grep -qa tpt "/proc/$c/cmdline" 2>/dev/null && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done; kill -9 "$c" 2>/dev/null; fi; fi; rm -f "$f.exit" "$f.pid"'
+stop_previous='if [ -f "$f.pid" ] && read -r p c < "$f.pid"; then [ -f "$f.exit" ] || kill "$p" 2>/dev/null; if grep -qa tpt "/proc/$c/cmdline" 2>/dev/null; then kill "$c"; i=0; while grep -qa tpt "/proc/$c/cmdline" 2>/dev/null && [ $i -lt 300 ]; do sleep 1; i=$((i + 1)); done; kill -9 "$c" 2>/dev/null; fi; fi; rm -f "$f.exit" "$f.pid"'
 slice=0
 while read -r node; do
   megascale=""
@@ -63,11 +64,12 @@ while read -r node; do
     megascale+=" MEGASCALE_NUM_SLICES=$SLICES"
     megascale+=" MEGASCALE_SLICE_ID=$slice MEGASCALE_PORT=8080"
   fi
+  # RUN.cmd records the sub-command, by which status.sh tells a finished run from a stopped one.
   # A subshell that ignores SIGHUP (so tpt, which inherits that, outlives the ssh session) waits
   # for tpt and writes its exit status.
   run gcloud compute tpus tpu-vm ssh "$node" --project="$PROJECT" --zone="$ZONE" --worker=all \
     --command="mkdir -p ~/tpt_logs; cd ~/tpt_jax; $(run_files "$RUN"); $stop_previous; \
-( trap '' HUP; env$megascale$quoted_envs .venv/bin/tpt$quoted_args > \"\$f.log\" 2>&1 & \
+printf '%s\\n' $(printf '%q' "${args[0]}") > \"\$f.cmd\"; ( trap '' HUP; env$megascale$quoted_envs .venv/bin/tpt$quoted_args > \"\$f.log\" 2>&1 & \
 echo \"\$BASHPID \$!\" > \"\$f.pid\"; wait \$!; echo \$? > \"\$f.exit\" ) > /dev/null 2>&1 &"
   slice=$((slice + 1))
 done < <(node_names)

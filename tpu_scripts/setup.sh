@@ -9,7 +9,8 @@ usage() {
 usage: setup.sh --project P --zone Z --name N [--commit REV] [--repo URL] [--gcsfuse BUCKET]
                 [--slices K] [--dry-run]
 
-  --commit REV    commit to install (default: this checkout's HEAD)
+  --commit REV    commit to install (default: this checkout's HEAD), resolved in this checkout
+                  (with --repo, a REV this checkout lacks is resolved on the workers)
   --repo URL      clone URL on each worker instead of shipping the commit from this checkout
                   (the commit must be pushed there)
   --gcsfuse BUCKET  also install Cloud Storage FUSE and mount gs://BUCKET at /mnt/gcs/BUCKET
@@ -32,9 +33,7 @@ while (($#)); do
   esac
 done
 checkout="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "$COMMIT" ]]; then
-  COMMIT="$(git -C "$checkout" rev-parse HEAD)" || die "not a git checkout: give --commit and --repo"
-fi
+resolve_commit "$checkout" "$REPO"
 
 # uv from PyPI (pip --user; --break-system-packages where the image's Python is marked externally
 # managed), then a venv on uv's own CPython 3.11: the images' python3 is 3.10, tpt_jax needs 3.11.
@@ -59,9 +58,15 @@ fi
 install="$(printf '%s; ' "${steps[@]}")"
 install="${install%; }"
 
+# A clone made in place (init, origin, fetch), not `git clone`: ~/tpt_jax may hold a checkout
+# shipped earlier (files and .venv, no .git), and an existing clone's origin follows --repo.
+# --force lets the commit's files replace shipped copies of them; the .venv stays.
 if [[ -n "$REPO" ]]; then
-  ssh_all "set -e; [ -d ~/tpt_jax/.git ] || git clone --quiet $(printf '%q' "$REPO") ~/tpt_jax; \
-cd ~/tpt_jax; git fetch --quiet origin; git checkout --quiet $(printf '%q' "$COMMIT"); $install"
+  url="$(printf '%q' "$REPO")"
+  ssh_all "set -e; mkdir -p ~/tpt_jax; cd ~/tpt_jax; [ -d .git ] || git init --quiet; \
+if git remote get-url origin >/dev/null 2>&1; then git remote set-url origin $url; \
+else git remote add origin $url; fi; git fetch --quiet origin; \
+git checkout --quiet --force $(printf '%q' "$COMMIT"); $install"
   exit 0
 fi
 

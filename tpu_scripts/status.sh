@@ -29,4 +29,5 @@ while read -r node; do
   run gcloud compute tpus tpu-vm describe "$node" --project="$PROJECT" --zone="$ZONE" \
     --format="value(state,health)"
 done < <(node_names)
-ssh_all "$(run_state_probe "$RUN" "$RUN")"
+# The sub-command (train and think print a completion line) is read from launch.sh's RUN.cmd.
+ssh_all "$(run_state_probe "$RUN")"
