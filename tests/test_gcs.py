@@ -92,7 +92,9 @@ data:
 def test_each_process_reads_only_its_rows_from_gcs(gcs, tmp_path, monkeypatch):
     """Two processes (0 and 1 of 2) read their halves of each global batch straight from gs://:
     per step at most 1.5x the bytes of their rows (besides one header per file), never a whole
-    shard, and the same batches as from a local copy of the folder."""
+    shard, all ranges of a step in one concurrent request batch (whatever the shards and tasks
+    it touches; the headers of shards not seen yet in one more), and the same batches as from a
+    local copy of the folder."""
     import gcsfs
     import numpy as np
 
@@ -136,11 +138,16 @@ def test_each_process_reads_only_its_rows_from_gcs(gcs, tmp_path, monkeypatch):
         return data
 
     monkeypatch.setattr(gcsfs.GCSFileSystem, "_cat_file", counted)
-    batched = []  # the files of each RowsReader.read call: one per shard per step
-    read = rows.RowsReader.read
-    monkeypatch.setattr(
-        rows.RowsReader, "read", lambda self, i: batched.append(self.path) or read(self, i)
-    )
+    batched = []  # the ranges of each cat_ranges call (gcsfs runs a call's ranges concurrently)
+    real_ranges = gcsfs.GCSFileSystem._cat_ranges
+
+    async def counted_ranges(self, paths, starts, ends, **kwargs):
+        if any("twohosts" in p for p in paths):
+            batched.append(list(zip(paths, starts, ends, strict=True)))
+        return await real_ranges(self, paths, starts, ends, **kwargs)
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_cat_ranges", counted_ranges)
+    gcsfs.GCSFileSystem.clear_instance_cache()  # an instance binds its sync methods when made
     mixture = [MixtureComponent(task="a", rate=1.0), MixtureComponent(task="b", rate=0.5)]
     row_bytes = rows.row_dtype(seq, "uint16").itemsize
     batch, steps = 16, 5
@@ -149,11 +156,15 @@ def test_each_process_reads_only_its_rows_from_gcs(gcs, tmp_path, monkeypatch):
         local = MixedRows(str(tmp_path / "twohosts"), mixture, 3, seq)
         stream = batches(remote, 0, batch, process, 2, prefetch=0)
         headers: set[str] = set()
+        shards_touched = []
         for step in range(steps):
             reads.clear()
             batched.clear()
             got = next(stream)
-            assert len(batched) == len(set(batched)) > 0
+            headers_call = [c for c in batched if all(r[1:] == (0, rows.HEADER_BYTES) for r in c)]
+            rows_call = [c for c in batched if c not in headers_call]
+            assert len(rows_call) == 1 and len(headers_call) <= 1, batched  # one round trip
+            shards_touched.append(len({path for path, _, _ in rows_call[0]}))
             want = next(batches(local, step, batch, process, 2, prefetch=0))
             assert all(np.array_equal(got[k], want[k]) for k in want)
             for path, start, end, _ in reads:
@@ -164,6 +175,7 @@ def test_each_process_reads_only_its_rows_from_gcs(gcs, tmp_path, monkeypatch):
             body = sum(n for _, start, _, n in reads if start != 0)
             share = batch // 2 * row_bytes
             assert 0 < body <= 1.5 * share, (step, body, share)  # rows read twice: once
+        assert max(shards_touched) >= 3  # a step's one call spans shards of both tasks
     for process in (0, 1):  # with prefetch (background reads: not counted per step)
         remote = MixedRows("gs://bucket/twohosts", mixture, 3, seq)
         local = MixedRows(str(tmp_path / "twohosts"), mixture, 3, seq)

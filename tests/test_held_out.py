@@ -252,20 +252,56 @@ def test_held_out_loss_is_logged_per_task_and_equals_a_forward_on_the_held_out_r
             assert scalars[key, step] == pytest.approx(records[step][key], rel=1e-6)
         # The console line of an evaluation step carries it, even off the log_every steps.
         assert f"step {step}: " in out and "eval/toy_tpt/loss=" in out
-    held_rows = manifest["tasks"]["toy_tpt"]["heldout"]["rows"]
-    assert held_rows < 2 * 8  # so the evaluation wraps around, and says so
-    assert f"task toy_tpt has {held_rows} held-out rows, fewer than the 16" in out
+    held = manifest["tasks"]["toy_tpt"]["heldout"]
+    assert held["rows"] < 2 * 8  # fewer than eval_batches x global_batch: each is read once
+    assert (
+        f"train: eval of task toy_tpt: {held['rows']} of its {held['rows']} held-out rows "
+        f"({held['tokens']:,} tokens), each once" in out
+    )
 
     # The same loss from the final checkpoint's parameters, outside the training code.
     state, _ = restore_latest(cfg, str(run_dir))
     params = jax.device_get(state.params)
     total, weight = 0.0, 0.0
     for task in ("toy_tpt", "toy_vanilla"):
-        # The evaluation reads rows 0..15 of the task's held-out stream (the first 2 batches).
-        rows = _all_rows(cfg, task, "heldout", 2 * 8)
+        # The evaluation scores the first 2 batches of the task's held-out stream, each row at
+        # most once: all of them when there are fewer (the last batch padded with weight 0).
+        count = min(2 * 8, manifest["tasks"][task]["heldout"]["rows"])
+        rows = _all_rows(cfg, task, "heldout", count)
         task_total, task_weight = _forward_loss(cfg, params, rows)
         assert records[3][f"eval/{task}/loss"] == pytest.approx(task_total / task_weight, abs=1e-5)
         total, weight = total + task_total, weight + task_weight
     assert records[3]["eval/loss"] == pytest.approx(total / weight, abs=1e-5)
     assert result.eval_loss == records[3]["eval/loss"]
     assert records[3]["eval/loss"] != records[2]["eval/loss"]  # trained in between
+
+
+@pytest.mark.parametrize(("batches", "processes"), [(2, 1), (2, 2), (100, 2), (1, 4)])
+def test_each_held_out_row_is_evaluated_at_most_once(prepared, batches, processes):
+    """The processes' eval batches together hold rows 0.. of the held-out stream once each (up
+    to eval_batches x global_batch rows), every other row with loss weight 0, and no batch
+    of padding only."""
+    from tpt_jax.train.run import _heldout_batches
+
+    _, _, cfg, manifest = prepared
+    held = manifest["tasks"]["toy_vanilla"]["heldout"]["rows"]
+    data = loader.MixedRows(
+        cfg.data.prepared_dir, [MixtureComponent(task="toy_vanilla")], 0, SEQ, split="heldout"
+    )
+    per_process = [list(_heldout_batches(data, 8, batches, p, processes)) for p in range(processes)]
+    steps = min(batches, -(-held // 8))
+    assert [len(b) for b in per_process] == [steps] * processes
+    weighted, padding = [], 0
+    for step in range(steps):
+        for p in range(processes):
+            batch = per_process[p][step]
+            assert batch["inputs"].shape == (8 // processes, SEQ)
+            for r in range(8 // processes):
+                if batch["loss_weights"][r].any():
+                    weighted.append(tuple(batch["targets"][r]))
+                else:
+                    padding += 1
+    used = min(held, 8 * batches)
+    expected = rows_file.decode(_all_rows(cfg, "toy_vanilla", "heldout", used))["targets"]
+    assert sorted(weighted) == sorted(tuple(t) for t in expected)
+    assert padding == 8 * steps - used < 8

@@ -354,3 +354,45 @@ def test_a_folder_prepared_with_another_config_is_one_line(tmp_path, capsys):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("tpt: error: ")
     assert "prepared with another config" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("data.long_docs=truncate", "data.long_docs"),
+     ("data.heldout_fraction=0.5", "data.heldout_fraction"),
+     ("data.tpt_template={text} {thinking}", "data.tpt_template")],
+)  # fmt: skip
+def test_train_refuses_a_folder_prepared_with_other_data_settings(tmp_path, capsys, override, key):
+    """Rows packed, split or templated otherwise than the config says are not silently used:
+    one line naming the folder and the settings that differ."""
+    config = _setup(tmp_path)
+    (tmp_path / "c0.jsonl").write_bytes(_jsonl(_docs(0)))
+    assert _prepare(config, capsys)[0] == 0
+    capsys.readouterr()
+    code = cli.main(
+        ["train", config, "data.source=prepared", override, "model.vocab_size=320",
+         "train.steps=1", f"checkpoint.output_dir={tmp_path}/runs", "logging.tensorboard=false"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert str(tmp_path / "prepared") in err[0] and key in err[0], err[0]
+    assert "data.prepared_dir" in err[0] and not (tmp_path / "runs").exists()
+
+
+def test_prepare_refuses_a_folder_of_the_older_array_record_format(tmp_path, capsys):
+    """A folder prepared before the rows format (ArrayRecord shards, `*.array_record.json`
+    stats): one line, never a rebuild beside the old files."""
+    config = _setup(tmp_path)
+    (tmp_path / "c0.jsonl").write_bytes(_jsonl(_docs(0)))
+    old = tmp_path / "prepared" / "toy_vanilla"
+    old.mkdir(parents=True)
+    (old / "c0-0123.array_record").write_bytes(b"old rows")
+    (old / "c0-0123.array_record.json").write_text(json.dumps({"config_hash": "sha256:old"}))
+    code, err = _prepare(config, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert str(tmp_path / "prepared") in lines[0]
+    assert "prepared by an older tpt_jax (ArrayRecord rows)" in lines[0]
+    assert "use a new data.prepared_dir or delete it" in lines[0]
+    assert sorted(p.name for p in old.iterdir()) == ["c0-0123.array_record",
+                                                     "c0-0123.array_record.json"]  # fmt: skip

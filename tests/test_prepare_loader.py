@@ -370,3 +370,53 @@ def test_missing_input_path_is_reported(prepared, tmp_path):
     with pytest.raises(BadInputError, match=r"nowhere.*missing file"):
         run_prepare(strict)
     _config(root)
+
+
+def test_a_failing_train_loop_does_not_wait_for_the_queued_reads(prepared, tmp_path):
+    """An exception in the loop stops the prefetch: the process exits after at most the read in
+    flight, not after the PREFETCH_STEPS reads queued behind it (here 1.5 s each, one thread)."""
+    import textwrap
+    import time
+
+    root, _, _ = prepared
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "cfg.yaml").write_text(
+        f"base: {repo}/configs/models/tiny.yaml\nmodel: {{vocab_size: 320}}\n"
+        f"train: {{seq_len: {SEQ}, global_batch: 8, steps: 20}}\n"
+    )
+    script = textwrap.dedent(
+        f"""
+        import time
+        from tpt_jax.config import MixtureComponent, load_config
+        from tpt_jax.data import loader
+        from tpt_jax.train import train
+
+        cfg = load_config({str(tmp_path / "cfg.yaml")!r}, ["logging.log_every=1",
+            "logging.tensorboard=false", "checkpoint.output_dir={tmp_path}"])
+        data = loader.MixedRows({str(root / "prepared")!r}, [MixtureComponent(task="toy_tpt")],
+            0, {SEQ})
+        loader.PREFETCH_THREADS = 1
+        fast = data.rows
+
+        def slow(global_rows):
+            if global_rows[0] >= 8:  # every step after the first
+                time.sleep(1.5)
+            return fast(global_rows)
+
+        def fail(step):
+            print("raised", time.time(), flush=True)
+            raise RuntimeError("a bug in the loop")
+
+        data.rows = slow
+        train(cfg, "{tmp_path}/run", lambda start: loader.batches(data, start, 8),
+              extra_metrics=fail)
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
+    )
+    ended = time.time()
+    assert result.returncode == 1 and "a bug in the loop" in result.stderr, result.stderr[-2000:]
+    raised = float(result.stdout.split("raised ")[1].split()[0])
+    assert ended - raised < 5.0, ended - raised  # 8 queued reads take 12 s

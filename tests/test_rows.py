@@ -140,3 +140,37 @@ def test_bad_files_are_refused_naming_the_file(tmp_path):
         rows.RowsReader(str(newer)).read(np.array([0]))
     with pytest.raises(rows.RowsFileError, match=r"none\.rows not found"):
         rows.RowsReader(str(tmp_path / "none.rows")).read(np.array([0]))
+
+
+def test_reading_more_shards_than_the_open_file_limit(tmp_path):
+    """Thousands of shards (one per input file per task, and their held-out ones) must not each
+    hold an open file: read every shard of 3x the process's file limit, twice, one by one and all
+    in one read, in a process whose limit is lowered."""
+    import subprocess
+    import sys
+    import textwrap
+
+    packed, _ = _packed("split")
+    encoded = rows.encode(packed[:4], "uint16")
+    for i in range(150):
+        rows.write(str(tmp_path / f"s{i:03d}.rows"), encoded[[i % 4]])
+    script = textwrap.dedent(
+        f"""
+        import glob, resource
+        import numpy as np
+        from tpt_jax.data import loader, rows
+        paths = sorted(glob.glob({str(tmp_path)!r} + "/*.rows"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (50, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        readers = [rows.RowsReader(p, 1) for p in paths]
+        for _ in range(2):
+            got = [r.read(np.array([0]))["used"][0] for r in readers]
+        task = loader.TaskRows({str(tmp_path)!r}, [{{"path": p, "rows": 1}} for p in paths])
+        both = task.read(np.arange(len(paths)))
+        print("read", len(got), len(both))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[:2000]
+    assert result.stdout.split() == ["read", "150", "150"]

@@ -296,7 +296,9 @@ class DataConfig:
         heldout_fraction: share of each corpus's documents that `prepare` holds out of training
             (chosen by a sha256 of the document id, so one document is held out of the vanilla
             and TPT tasks alike, on every rerun) and packs as each task's held-out split, which
-            `train.eval_every` evaluates on; 0 disables. It is part of the prepared data: a
+            `train.eval_every` evaluates on; 0 disables. A document without an `id` field gets
+            a content id that includes its corpus name (`<corpus>:<sha256 of the text>`), so
+            the same raw text under two corpus names is held out (or not) independently. It is part of the prepared data: a
             change needs a new data.prepared_dir. Evaluation reads at most train.eval_batches x
             train.global_batch rows per task, so large corpora want a small share (e.g. 1e-4).
     """

@@ -12,7 +12,8 @@ The batch of step s is rows [s * B, (s + 1) * B); a process takes its contiguous
 position is therefore the step, resume is exact, and any process count sees the same batches.
 
 A process reads only the rows of its slice, straight from the prepared folder (local or gs://):
-one ranged read per shard per step (rows.RowsReader), never a copy of a shard. `batches` reads
+one batch of concurrent ranged reads per step over all its shards and tasks (rows.read_rows),
+never a copy of a shard. `batches` reads
 the next steps' rows in background threads while the current step trains.
 """
 
@@ -61,21 +62,30 @@ class TaskRows:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        """[N] stored records (rows.row_dtype) of the given row indices: one read per file."""
+    def split(self, indices: np.ndarray) -> list[tuple[rows.RowsReader, np.ndarray, np.ndarray]]:
+        """(file, its row indices, their positions in `indices`) for each file `indices` touch."""
         indices = np.asarray(indices, np.int64)
         owner = np.searchsorted(self.offsets, indices, side="right") - 1
-        parts, slots = [], []
+        parts = []
         for f in np.unique(owner):
             where = np.flatnonzero(owner == f)
-            parts.append(self.readers[f].read(indices[where] - self.offsets[f]))
-            slots.append(where)
-        if not parts:
-            raise ValueError("no rows asked for")
-        out = np.empty(len(indices), parts[0].dtype)
-        for where, part in zip(slots, parts, strict=True):
-            out[where] = part
-        return out
+            parts.append((self.readers[f], indices[where] - self.offsets[f], where))
+        return parts
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """[N] stored records (rows.row_dtype) of the given row indices, read in one batch."""
+        return _gather(self.split(indices), len(indices))
+
+
+def _gather(parts: list[tuple[rows.RowsReader, np.ndarray, np.ndarray]], count: int) -> np.ndarray:
+    """[count] records: each part's rows read (all in one rows.read_rows) into its positions."""
+    if not parts:
+        raise ValueError("no rows asked for")
+    records = rows.read_rows([(reader, local) for reader, local, _ in parts])
+    out = np.empty(count, records[0].dtype)
+    for (_, _, where), part in zip(parts, records, strict=True):
+        out[where] = part
+    return out
 
 
 class MixedRows:
@@ -161,18 +171,18 @@ class MixedRows:
 
     def rows(self, global_rows: np.ndarray) -> np.ndarray:
         """[N] stored records (rows.row_dtype; rows.decode gives the batch fields) of the given
-        global row numbers, read with one ranged read per shard."""
+        global row numbers: the rows of every task and shard in one batch of ranged reads."""
         tasks, local = self.locate(global_rows)
-        parts, slots = [], []
+        parts = []
         for task in np.unique(tasks):
             where = np.flatnonzero(tasks == task)
             order = self.orders[task]
-            parts.append(self.sources[task].read(np.array([order[int(i)] for i in local[where]])))
-            slots.append(where)
-        out = np.empty(len(global_rows), parts[0].dtype)
-        for where, part in zip(slots, parts, strict=True):
-            out[where] = part
-        return out
+            permuted = np.array([order[int(i)] for i in local[where]], np.int64)
+            parts.extend(
+                (reader, indices, where[at])
+                for reader, indices, at in self.sources[task].split(permuted)
+            )
+        return _gather(parts, len(global_rows))
 
     def epochs_seen(self, rows_consumed: int) -> dict[str, float]:
         """Epochs of each task consumed by the first `rows_consumed` global rows."""
@@ -223,4 +233,10 @@ def batches(
     options = grain.ReadOptions(
         num_threads=min(PREFETCH_THREADS, prefetch), prefetch_buffer_size=prefetch
     )
-    yield from steps.to_iter_dataset(options)
+    iterator = iter(steps.to_iter_dataset(options))
+    try:
+        yield from iterator
+    finally:
+        # Cancels the queued reads: a caller that stops (an error, the last step) must not
+        # wait at exit for `prefetch` steps of reads nobody will use.
+        iterator.close()

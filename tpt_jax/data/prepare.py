@@ -46,8 +46,9 @@ class PreparedDataError(TptError):
     """Prepared data that is missing, incomplete or prepared with another config or vocabulary."""
 
 
-def config_hash(cfg: Config) -> str:
-    """What the prepared rows depend on: the data section (minus loader settings) and seq_len."""
+def hashed_settings(cfg: Config) -> dict:
+    """What the prepared rows depend on: {"data": the data section minus loader settings and
+    input paths, "seq_len": train.seq_len}. Recorded in the manifest, so a mismatch names keys."""
     data = to_dict(cfg.data)
     # The vocabulary's contents (not its path) are each shard's own record, as are its inputs.
     for key in ("source", "seed", "strict", "prepared_dir", "mixture", "vocab_path", "name"):
@@ -59,8 +60,40 @@ def config_hash(cfg: Config) -> str:
         # adding a path or a folder builds only the new shards instead of refusing the folder.
         corpus.pop("paths", None)
         corpus.pop("think_outputs", None)  # more paths, in the layout tpt think writes
-    payload = json.dumps({"data": data, "seq_len": cfg.train.seq_len}, sort_keys=True)
+    return {"data": data, "seq_len": cfg.train.seq_len}
+
+
+def config_hash(cfg: Config) -> str:
+    """A short hash of hashed_settings(cfg) (import-light: no TensorFlow, no SeqIO)."""
+    payload = json.dumps(hashed_settings(cfg), sort_keys=True)
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def changed_settings(recorded: dict | None, cfg: Config) -> list[str]:
+    """The config keys (data.long_docs, train.seq_len, ...) whose values differ from the
+    settings a folder was prepared with (a manifest's "settings"); [] if none are recorded."""
+    if not recorded:
+        return []
+    now = hashed_settings(cfg)
+    changed = [f"data.{k}" for k in sorted(set(now["data"]) | set(recorded.get("data", {})))
+               if now["data"].get(k) != recorded.get("data", {}).get(k)]  # fmt: skip
+    if now["seq_len"] != recorded.get("seq_len"):
+        changed.append("train.seq_len")
+    return changed
+
+
+def check_prepared_with(cfg: Config, manifest: dict) -> None:
+    """Refuses, in one line, a prepared folder whose manifest says it was prepared with other
+    data settings than `cfg` (its rows are packed, split or templated otherwise)."""
+    recorded = manifest.get("config_hash")
+    if recorded is None or recorded == config_hash(cfg):
+        return
+    changed = changed_settings(manifest.get("settings"), cfg)
+    which = f" ({', '.join(changed)} differ)" if changed else f" ({recorded} != {config_hash(cfg)})"
+    raise PreparedDataError(
+        f"{cfg.data.prepared_dir} was prepared with other data settings{which}: run `tpt prepare` "
+        "into another data.prepared_dir (or data.name), or restore the settings it was prepared with"
+    )
 
 
 def shard_name(task: str, input_path: str) -> str:
@@ -263,9 +296,22 @@ def work_items(cfg: Config) -> tuple[list[tuple[str, int, int, str]], list[str]]
                 missing.append(pattern)
         files = source.list_shards("train")
         if not files:
-            raise PreparedDataError(f"task {task_name}: its corpus paths match no file")
+            raise PreparedDataError(_no_files(cfg, source.corpus, task_name))
         items.extend((task_name, i, len(files), path) for i, path in enumerate(files))
     return items, missing
+
+
+def _no_files(cfg: Config, corpus, task_name: str) -> str:
+    """Which key gave a task no input, and where it looked."""
+    index = next((i for i, c in enumerate(cfg.data.corpora) if c.name == corpus.name), 0)
+    key = f"data.corpora[{index}]"
+    if corpus.think_outputs:
+        return (
+            f"task {task_name}: {key}.think_outputs {corpus.think_outputs} hold no `tpt think` "
+            f"output yet (looked for {', '.join(corpus.paths)}); run tpt think for them first, "
+            f"or fix the name ({cfg.source_of(key + '.think_outputs')})"
+        )
+    return f"task {task_name}: {key}.paths match no file: {', '.join(corpus.paths)}"
 
 
 def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
@@ -276,6 +322,7 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
     if not cfg.data.prepared_dir:
         raise PreparedDataError("data.prepared_dir is empty: set where prepared shards go")
     items, missing = work_items(cfg)
+    _check_not_array_record(cfg.data.prepared_dir)
     _check_config_hash(cfg)
     options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
     _take_errors(cfg, items)  # stale reports of an earlier run
@@ -302,6 +349,17 @@ def run_prepare(cfg: Config, beam_args: Sequence[str] = ()) -> dict:
         for item in items
     ]
     return write_manifest(cfg, stats, missing)
+
+
+def _check_not_array_record(root: str) -> None:
+    """Refuses a folder of the ArrayRecord layout (before the rows format): its shards and stats
+    (`*.array_record`, `*.array_record.json`) are invisible to the checks and the rebuild below,
+    which would build the new shards beside them."""
+    if storage.glob(os.path.join(root, "*", "*.array_record*")):
+        raise PreparedDataError(
+            f"{root} was prepared by an older tpt_jax (ArrayRecord rows): use a new "
+            "data.prepared_dir or delete it"
+        )
 
 
 def _check_config_hash(cfg: Config) -> None:
@@ -376,6 +434,7 @@ def write_manifest(
         "seq_len": cfg.train.seq_len,
         "vocab_checksum": checksums[0],
         "config_hash": config_hash(cfg),
+        "settings": hashed_settings(cfg),  # so a train run prepared otherwise names what differs
         "tasks": per_task,
         "missing_inputs": list(missing_inputs),
     }

@@ -13,8 +13,9 @@ Only a row's first segment can continue a split sample, so the inputs are tokens
 every later segment's start. With uint16 tokens and seq_len 2048 a row is 4358 bytes: 2.13 bytes
 per token against 12 for the int32 [3, seq_len] rows packing.py builds.
 
-Readers read only the rows asked for: locally with os.pread, on gs:// (any fsspec store) with
-concurrent ranged reads; neither ever copies a whole shard.
+Readers read only the rows asked for: locally with os.pread (no file kept open between reads), on
+gs:// (any fsspec store) with one batch of concurrent ranged reads for all the files of a step;
+neither ever copies a whole shard.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Sequence
 
 import fsspec
 import numpy as np
@@ -166,8 +168,10 @@ def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
 class RowsReader:
     """Random access to the rows of one file, reading only their byte ranges.
 
-    The file is opened, and its header read, on the first read (not on construction), so a
-    loader over thousands of shards opens only those it reads from. Thread-safe.
+    The header is read on the first read (not on construction), so a loader over thousands of
+    shards touches only those it reads from; no file stays open between reads (a run reads
+    more shards than a process may hold open). Thread-safe. `read_rows` reads the rows of
+    several files in one batch of concurrent ranged reads.
 
         reader = RowsReader("gs://bucket/prepared/t/a-0123.rows")
         fields = decode(reader.read(np.array([5, 6, 900])))
@@ -179,34 +183,29 @@ class RowsReader:
         self._expected = rows
         self._lock = threading.Lock()
         self._meta: dict | None = None
-        self._fd: int | None = None
-        self._fs = None
-        self._inner = ""
+        self._location: tuple | None = None  # (filesystem, path in it) on an object store
 
-    def _open(self) -> dict:
+    def _store(self) -> tuple:
+        if self._location is None:
+            self._location = fsspec.core.url_to_fs(self.path)
+        return self._location
+
+    def _accept(self, head: bytes) -> None:
+        """Checks a header just read and keeps its fields."""
+        meta = parse_header(self.path, head)
+        if self._expected is not None and meta["rows"] != self._expected:
+            raise RowsFileError(
+                f"{self.path} holds {meta['rows']} rows but the manifest says {self._expected}: "
+                "run `tpt prepare` again"
+            )
         with self._lock:
-            if self._meta is not None:
-                return self._meta
-            try:
-                if storage.is_remote(self.path):
-                    self._fs, self._inner = fsspec.core.url_to_fs(self.path)
-                    head = self._fs.cat_file(self._inner, start=0, end=HEADER_BYTES)
-                else:
-                    self._fd = os.open(self.path, os.O_RDONLY)
-                    head = os.pread(self._fd, HEADER_BYTES, 0)
-            except FileNotFoundError:
-                raise RowsFileError(
-                    f"{self.path} not found: the prepared folder is incomplete; run `tpt prepare`"
-                ) from None
-            meta = parse_header(self.path, head)
-            if self._expected is not None and meta["rows"] != self._expected:
-                raise RowsFileError(
-                    f"{self.path} holds {meta['rows']} rows but the manifest says {self._expected}: "
-                    "run `tpt prepare` again"
-                )
             self.dtype = row_dtype(meta["seq_len"], meta["token_dtype"])
             self._meta = meta
-            return meta
+
+    def _open(self) -> dict:
+        if self._meta is None:
+            _read_headers([self])
+        return self._meta
 
     @property
     def meta(self) -> dict:
@@ -219,32 +218,92 @@ class RowsReader:
     def read(self, indices: np.ndarray) -> np.ndarray:
         """[N] records (row_dtype) of rows `indices` (any order, repeats allowed). Consecutive
         rows are read as one range; on an object store all ranges are fetched concurrently."""
-        meta = self._open()
+        return read_rows([(self, indices)])[0]
+
+    def close(self) -> None:
+        """Forgets the header (read again on the next read); no file is held open."""
+        with self._lock:
+            self._meta = None
+
+
+def _fetch(ranges: list[tuple[RowsReader, int, int]]) -> list[bytes]:
+    """The bytes [start, end) of each (file, start, end). On an object store: one concurrent
+    `cat_ranges` call per filesystem (one round trip, not one per range). Locally: each file
+    opened, read with pread and closed in turn, so at most one file is open at a time."""
+    out: list[bytes | None] = [None] * len(ranges)
+    remote: dict[int, list[int]] = {}
+    local: dict[str, list[int]] = {}
+    for i, (reader, _, _) in enumerate(ranges):
+        if storage.is_remote(reader.path):
+            remote.setdefault(id(reader._store()[0]), []).append(i)
+        else:
+            local.setdefault(reader.path, []).append(i)
+    for path, members in local.items():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise _missing(path) from None
+        try:
+            for i in members:
+                _, start, end = ranges[i]
+                out[i] = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+    for members in remote.values():
+        fs = ranges[members[0]][0]._store()[0]
+        got = fs.cat_ranges(
+            [ranges[i][0]._store()[1] for i in members],
+            [ranges[i][1] for i in members],
+            [ranges[i][2] for i in members],
+            on_error="return",
+        )
+        for i, piece in zip(members, got, strict=True):
+            if isinstance(piece, FileNotFoundError):
+                raise _missing(ranges[i][0].path) from None
+            if isinstance(piece, BaseException):
+                raise piece
+            out[i] = piece
+    return out
+
+
+def _missing(path: str) -> RowsFileError:
+    return RowsFileError(f"{path} not found: the prepared folder is incomplete; run `tpt prepare`")
+
+
+def _read_headers(readers: Sequence[RowsReader]) -> None:
+    """Reads and checks the headers of files not read from yet, all in one batch."""
+    unseen = [r for r in dict.fromkeys(readers) if r._meta is None]
+    heads = _fetch([(r, 0, HEADER_BYTES) for r in unseen])
+    for reader, head in zip(unseen, heads, strict=True):
+        reader._accept(head)
+
+
+def read_rows(requests: Sequence[tuple[RowsReader, np.ndarray]]) -> list[np.ndarray]:
+    """The records of several (file, row indices) at once: [N_i] records (row_dtype) each.
+
+    At most two batches of ranged reads whatever the files: the headers of files not read from
+    yet, then every run of consecutive rows of every file (repeats read once). On gs:// each
+    batch is one concurrent request batch, so a step costs two round trips, not two per row.
+    """
+    _read_headers([reader for reader, _ in requests])
+    plans, ranges = [], []
+    for reader, indices in requests:
+        meta = reader._meta
         indices = np.asarray(indices, np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= meta["rows"]):
-            raise IndexError(f"{self.path}: row index out of 0..{meta['rows'] - 1}")
+            raise IndexError(f"{reader.path}: row index out of 0..{meta['rows'] - 1}")
         wanted, inverse = np.unique(indices, return_inverse=True)
         runs = _runs(wanted)
         size = meta["row_bytes"]
-        starts = [HEADER_BYTES + a * size for a, _ in runs]
-        ends = [HEADER_BYTES + b * size for _, b in runs]
-        if self._fs is not None:
-            pieces = self._fs.cat_ranges([self._inner] * len(runs), starts, ends, on_error="raise")
-        else:
-            pieces = [os.pread(self._fd, e - s, s) for s, e in zip(starts, ends, strict=True)]
-        data = b"".join(pieces)
-        if len(data) != len(wanted) * size:
+        plans.append((reader, len(wanted), inverse.reshape(-1), len(ranges), len(runs)))
+        ranges.extend((reader, HEADER_BYTES + a * size, HEADER_BYTES + b * size) for a, b in runs)
+    pieces = _fetch(ranges)
+    out = []
+    for reader, count, inverse, first, n in plans:
+        data = b"".join(pieces[first : first + n])
+        if len(data) != count * reader._meta["row_bytes"]:
             raise RowsFileError(
-                f"{self.path} is shorter than its header says: run `tpt prepare` again"
+                f"{reader.path} is shorter than its header says: run `tpt prepare` again"
             )
-        return np.frombuffer(data, self.dtype)[inverse.reshape(-1)]
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-            self._fd, self._meta = None, None
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+        out.append(np.frombuffer(data, reader.dtype)[inverse])
+    return out

@@ -195,6 +195,7 @@ def train(
     mesh = trainer.mesh
     checkpoints = RunCheckpoints(run_dir, cfg.checkpoint)
     writer = MetricsWriter(run_dir, cfg.logging, enabled=jax.process_index() == 0)
+    source = None
     try:
         removed = checkpoints.remove_unfinished()
         if removed:
@@ -272,6 +273,8 @@ def train(
         bar.close()
         return TrainResult(run_dir, start, stop, last_loss, eval_loss)
     finally:
+        if hasattr(source, "close"):
+            source.close()  # stops its read-ahead: an error must not wait for the queued reads
         try:
             checkpoints.close()  # awaits the last save
             writer.close()

@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Callable, Iterator
 
 import jax
+import numpy as np
 
 from tpt_jax.config import Config, MixtureComponent, dump_yaml
 from tpt_jax.data import synthetic
@@ -53,7 +54,7 @@ def run_training(cfg: Config, quiet_config: bool = False) -> TrainResult:
 def prepared_source(cfg: Config):
     """(batches(start_step), epochs_seen(step), {task: eval_batches()}) over the prepared mixture;
     the last is empty unless train.eval_every is set."""
-    from tpt_jax.data import loader, vocab
+    from tpt_jax.data import loader, prepare, vocab
 
     checksum = None
     if cfg.data.vocab_path:
@@ -68,6 +69,7 @@ def prepared_source(cfg: Config):
     data = loader.MixedRows(
         cfg.data.prepared_dir, cfg.data.mixture, cfg.data.seed, cfg.train.seq_len, checksum
     )
+    prepare.check_prepared_with(cfg, data.manifest)
     t = cfg.train
 
     def batches(start):
@@ -83,17 +85,16 @@ def prepared_source(cfg: Config):
 def heldout_sources(
     cfg: Config, manifest: dict, vocab_checksum: str | None
 ) -> dict[str, Callable[[], Iterator[dict]]]:
-    """task -> eval_batches(): this process's rows of train.eval_batches global batches of
-    train.global_batch rows of the task's held-out split (the same rows at every evaluation).
-    Tasks without held-out rows are left out, each said once on the console."""
+    """task -> eval_batches(): this process's rows of up to train.eval_batches global batches of
+    the task's held-out split, each held-out row at most once (the same rows at every
+    evaluation). Tasks without held-out rows are left out, each said once on the console, as
+    is how many rows and tokens each task's evaluation scores."""
     from tpt_jax.data import loader
 
     t, d = cfg.train, cfg.data
     tasks = list(dict.fromkeys(m.task for m in d.mixture))
-    held = {
-        name: manifest["tasks"].get(name, {}).get("heldout", {}).get("rows", 0) for name in tasks
-    }
-    if not any(held.values()):
+    held = {name: manifest["tasks"].get(name, {}).get("heldout", {}) for name in tasks}
+    if not any(h.get("rows") for h in held.values()):
         _say(
             f"train: no held-out loss: {d.prepared_dir} has no held-out rows (prepared with "
             "data.heldout_fraction=0), so train.eval_every evaluates nothing"
@@ -101,32 +102,50 @@ def heldout_sources(
         return {}
     sources = {}
     for name in tasks:
-        if not held[name]:
+        if not held[name].get("rows"):
             _say(f"train: task {name} has no held-out rows; evaluation skips it")
             continue
-        needed = t.eval_batches * t.global_batch
-        if needed > held[name]:
-            _say(
-                f"train: task {name} has {held[name]} held-out rows, fewer than the {needed} of "
-                f"train.eval_batches x train.global_batch: its evaluation reads some twice"
-            )
         rows = loader.MixedRows(
             d.prepared_dir, [MixtureComponent(task=name)], d.seed, t.seq_len, vocab_checksum,
             split="heldout",
         )  # fmt: skip
-        sources[name] = functools.partial(_heldout_batches, rows, t.global_batch, t.eval_batches)
+        used = min(held[name]["rows"], t.eval_batches * t.global_batch)
+        if jax.process_index() == 0:
+            tokens = (
+                held[name]["tokens"]
+                if used == held[name]["rows"]
+                else int(rows.rows(np.arange(used))["used"].sum())  # one read, once per run
+            )
+            _say(
+                f"train: eval of task {name}: {used} of its {held[name]['rows']} held-out rows "
+                f"({tokens:,} tokens), each once"
+            )
+        sources[name] = functools.partial(
+            _heldout_batches, rows, t.global_batch, t.eval_batches, jax.process_index(),
+            jax.process_count(),
+        )  # fmt: skip
     return sources
 
 
-def _heldout_batches(rows, global_batch: int, count: int) -> Iterator[dict]:
+def _heldout_batches(
+    rows, global_batch: int, count: int, process_index: int, process_count: int
+) -> Iterator[dict]:
+    """This process's rows of the first ceil(used / global_batch) global batches of the task's
+    held-out stream (rows.lengths[0] rows: one pass over them reads each once), where `used` is
+    at most `count` batches' rows. Rows past `used` fill the last batch with loss weight 0, so
+    the loss is the exact token-weighted mean over the rows used. From row 0 every time: each
+    evaluation scores the same rows, so the losses compare. No read-ahead: nothing follows."""
     from tpt_jax.data import loader
+    from tpt_jax.data import rows as rows_file
 
-    # From row 0 every time: each evaluation scores the same rows, so the losses compare. No
-    # read-ahead: nothing follows the last of the `count` batches.
-    stream = loader.batches(
-        rows, 0, global_batch, jax.process_index(), jax.process_count(), prefetch=0
-    )
-    return itertools.islice(stream, count)
+    used = min(rows.lengths[0], count * global_batch)
+    for step in range(-(-used // global_batch)):
+        wanted = loader.process_rows(step, global_batch, process_index, process_count)
+        real = wanted < used
+        # Padding repeats stream row 0 (read once per batch at most): real tokens, weight 0.
+        batch = rows_file.decode(rows.rows(np.where(real, wanted, 0)))
+        batch["loss_weights"] = batch["loss_weights"] * real[:, None]
+        yield batch
 
 
 def _say(message: str) -> None:
