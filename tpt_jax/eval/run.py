@@ -66,7 +66,12 @@ class Scorer:
         for start in range(0, len(prompts), self.batch_size):
             ids = [self.tokenizer.encode(p) for p in prompts[start : start + self.batch_size]]
             outputs = generate(
-                self._decode_params, self.cfg, ids, max_new_tokens, eos_id=self.tokenizer.eos_id
+                self._decode_params,
+                self.cfg,
+                ids,
+                max_new_tokens,
+                eos_id=self.tokenizer.eos_id,
+                stops=[self.tokenizer.encode(stop) for stop in stops],
             )
             texts.extend(self.tokenizer.completion(tokens, stops)[0] for tokens in outputs)
         return texts

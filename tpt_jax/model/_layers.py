@@ -111,8 +111,10 @@ def _decode_attention(q, k, v, cache, lengths):
     k_cache, v_cache = cache
     kv = k_cache.shape[1]
     rows = jnp.arange(b)
-    k_cache = k_cache.at[rows, :, lengths].set(k[:, 0].astype(k_cache.dtype))
-    v_cache = v_cache.at[rows, :, lengths].set(v[:, 0].astype(v_cache.dtype))
+    # A row whose length is the cache size writes nothing (the decode slots park finished
+    # requests there, so their cache stays put).
+    k_cache = k_cache.at[rows, :, lengths].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, :, lengths].set(v[:, 0].astype(v_cache.dtype), mode="drop")
     qg = q.reshape(b, kv, h // kv, d)
     scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
     visible = jnp.arange(k_cache.shape[2])[None, :] <= lengths[:, None]

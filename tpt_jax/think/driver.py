@@ -10,7 +10,9 @@ work). One process owns a shard folder at a time (tpt_jax.lock), and the folder 
 settings that determine its output (`settings.json`): a rerun with other settings is refused
 rather than mixed in.
 
-Decoding uses continuous batching: a finished slot is refilled at once.
+Decoding uses continuous batching: the engine decides EOS, stop sequences and max_new_tokens
+on the device, the host pulls only the done flags and the tokens of finished documents, and a
+finished slot is refilled at once.
 """
 
 from __future__ import annotations
@@ -366,7 +368,7 @@ def _local_slots(
     SIGTERM the slots in progress are abandoned (pending): a decode step is not interruptible."""
     from tpt_jax.parallel import rules_from_config
     from tpt_jax.think.generate import load_generator
-    from tpt_jax.think.slots import SlotEngine, local_mesh, pad_prompt
+    from tpt_jax.think.slots import STEPS_PER_CALL, SlotEngine, local_mesh, pad_prompt
 
     t = cfg.think
     model_cfg, model_params = load_generator(t.model_dir, t.dtype)
@@ -381,6 +383,10 @@ def _local_slots(
         max_target_length=max_prefill + t.max_new_tokens + 1,
         mesh=local_mesh(cfg),
         rules=rules_from_config(cfg.mesh.rules),
+        eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
+        # The canonical encoding of each stop string; a stop reached through another
+        # tokenization is cut from the text when the document is finished (_outcome).
+        stops=[tokenizer.encode(stop) for stop in t.stop],
     )
     params = engine.load_params()
     state = engine.init_decode_state()
@@ -402,26 +408,17 @@ def _local_slots(
             prefix = engine.prefill(
                 params=params, padded_tokens=padded, true_length=length, sampling=sampling
             )
-            state = engine.insert(prefix, state, slot_index)
+            state = engine.insert(prefix, state, slot_index, t.max_new_tokens)
             slots[slot_index] = _Slot(doc, length, truncated)
         if not slots:
             return
-        state, result = engine.generate(params, state)
-        tokens = np.asarray(result)[:, 0]
-        for slot_index, slot in list(slots.items()):
-            slot.tokens.append(int(tokens[slot_index]))
-            if _stopped(tokenizer, slot.tokens, t.stop, t.max_new_tokens):
-                del slots[slot_index]
-                yield slot
-
-
-def _stopped(tokenizer: GeneratorTokenizer, tokens: list[int], stops: list[str], cap: int) -> bool:
-    if len(tokens) >= cap or (tokenizer.eos_id is not None and tokens[-1] == tokenizer.eos_id):
-        return True
-    if not stops:
-        return False
-    tail = tokenizer.decode(tokens[-16:])  # stop strings span a few tokens at most
-    return any(s in tail for s in stops)
+        state, done = engine.generate_steps(params, state, STEPS_PER_CALL)
+        done = np.asarray(done)
+        finished = [slot_index for slot_index in slots if done[slot_index]]
+        for slot_index, tokens in zip(finished, engine.collect(state, finished), strict=True):
+            slot = slots.pop(slot_index)
+            slot.tokens = tokens
+            yield slot
 
 
 def _remote_slots(

@@ -8,6 +8,7 @@ these functions.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,14 +118,18 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingParams | list[SamplingParams] | None = None,
     eos_id: int | None = None,
+    stops: Sequence[Sequence[int]] = (),
 ) -> list[list[int]]:
-    """Generates for a batch of prompts (different lengths) until EOS or max_new_tokens, one
-    decode slot per prompt of a `SlotEngine`.
+    """Generates for a batch of prompts (different lengths) until EOS, a stop sequence (token
+    ids) or max_new_tokens, one decode slot per prompt of a `SlotEngine`; each prompt stops on
+    the device, so nothing is decoded past its stop.
 
-    Returns the new tokens of each prompt (EOS included when produced).
+    Returns the new tokens of each prompt (the EOS or stop sequence included when produced).
     """
-    from tpt_jax.think.slots import SlotEngine, pad_prompt
+    from tpt_jax.think.slots import STEPS_PER_CALL, SlotEngine, pad_prompt
 
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
     per_row = (
         sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompts)
     )
@@ -135,6 +140,8 @@ def generate(
         max_concurrent_decodes=len(prompts),
         max_prefill_length=longest,
         max_target_length=longest + max_new_tokens + 1,
+        eos_ids=() if eos_id is None else (eos_id,),
+        stops=stops,
     )
     params = engine.load_params()
     state = engine.init_decode_state()
@@ -143,15 +150,9 @@ def generate(
         prefix = engine.prefill(
             params=params, padded_tokens=padded, true_length=length, sampling=row_sampling
         )
-        state = engine.insert(prefix, state, slot)
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        if all(done):
-            break
-        state, data = engine.generate(params, state)
-        for i, token in enumerate(np.asarray(data)[:, 0]):
-            if not done[i]:
-                out[i].append(int(token))
-                done[i] = eos_id is not None and int(token) == eos_id
-    return out
+        state = engine.insert(prefix, state, slot, max_new_tokens)
+    done = np.zeros(len(prompts), bool)
+    while not done.all():
+        state, done = engine.generate_steps(params, state, STEPS_PER_CALL)
+        done = np.asarray(done)
+    return engine.collect(state, range(len(prompts)))

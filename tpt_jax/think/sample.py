@@ -28,7 +28,10 @@ def run_sample(
     sampling = [
         SamplingParams(t.temperature, t.top_k, t.top_p, t.seed + i) for i in range(len(prompts))
     ]
-    outputs = generate(params, model_cfg, ids, max_new_tokens, sampling, eos_id=tokenizer.eos_id)
+    stops = [tokenizer.encode(stop) for stop in t.stop]  # stop on device; cut from the text
+    outputs = generate(
+        params, model_cfg, ids, max_new_tokens, sampling, eos_id=tokenizer.eos_id, stops=stops
+    )
     return [tokenizer.completion(tokens, t.stop)[0] for tokens in outputs]
 
 
