@@ -207,3 +207,44 @@ def test_two_processes_agree_to_pass_over_a_damaged_checkpoint(tmp_path):
     expected, got = _losses(single), _losses(multi)
     for step in range(1, 7):
         assert abs(got[step] - expected[step]) < 1e-5, (step, got[step], expected[step])
+
+
+def test_two_processes_evaluate_the_held_out_rows_like_one(tmp_path):
+    """Each process feeds its slice of every held-out batch (padding included): the per-task
+    held-out losses of a two-process run equal those of one process over the same devices."""
+    twins = os.path.join(ROOT, "configs", "experiments", "local")
+    train = os.path.join(twins, "pretrain_8b_tpt.yaml")
+    root = f"run.root={tmp_path}"
+    # Short rows and a large held-out share: several global batches of held-out rows, the last
+    # one padded, so a process reading another's slice would change the mean.
+    data = ["data.heldout_fraction=0.6", "train.seq_len=32", "train.eval_batches=3"]
+    for args in (
+        ["think", os.path.join(twins, "think_qwen3-8b.yaml"), root],
+        ["think", os.path.join(twins, "think_qwen3-8b_fineweb_edu.yaml"), root],
+        ["vocab", "train", train, root],
+        ["prepare", train, root, *data],
+        ["train", train, root, "run.name=single", *data],
+    ):
+        proc = _tpt(*args, env=_env(4))
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
+    outputs = _two_processes("train", train, root, "run.name=multi", *data)
+    assert re.search(r"eval of task megamath_tpt: 2\d of its \d+ held-out rows", outputs[0])
+
+    def held_out(name):
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        return {
+            (r["step"], key): value
+            for r in records
+            for key, value in r.items()
+            if key.startswith("eval/")
+        }
+
+    single, multi = held_out("single"), held_out("multi")
+    assert {key for _, key in single} == {
+        "eval/loss", "eval/megamath_tpt/loss", "eval/fineweb_edu_tpt/loss",
+    }  # fmt: skip
+    assert sorted(multi) == sorted(single)
+    for key, value in single.items():
+        assert abs(multi[key] - value) < 1e-5, (key, multi[key], value)
