@@ -12,9 +12,8 @@ import tokenizers
 
 from tpt_jax.config import load_config
 from tpt_jax.errors import ConfigError
-from tpt_jax.think.chat_template import ChatTemplate, ChatTemplateError
+from tpt_jax.generate import ChatTemplate, ChatTemplateError, GeneratorTokenizer, TokenizerError
 from tpt_jax.think.prompts import load_template, render
-from tpt_jax.think.tokenizer import GeneratorTokenizer, TokenizerError
 
 transformers = pytest.importorskip("transformers")
 

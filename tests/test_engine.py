@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from tpt_jax.config import ModelConfig
+from tpt_jax.generate import SamplingParams, generate, pad_prompt
+from tpt_jax.generate.jetstream import TptEngine
 from tpt_jax.model import init_params
-from tpt_jax.think.engine import TptEngine, pad_prompt
-from tpt_jax.think.generate import SamplingParams, generate
 
 CFG = ModelConfig(
     vocab_size=128,
@@ -97,7 +97,8 @@ def test_engine_api_surface(params):
 
 
 def test_sharded_kv_cache_gives_the_same_tokens(params):
-    """On a data x tensor mesh the cache is split over slots and kv heads; tokens do not change."""
+    """On a data x fsdp x tensor mesh the KV pages are split over kv heads (each chip holds its
+    heads' share of every page); tokens do not change."""
     from jax.sharding import Mesh, PartitionSpec
 
     rng = np.random.default_rng(1)
@@ -111,8 +112,9 @@ def test_sharded_kv_cache_gives_the_same_tokens(params):
     loaded = sharded.load_params()
     gate = loaded["layers"][0]["mlp"]["gate"]["kernel"]
     assert gate.sharding.spec == PartitionSpec("fsdp", "tensor")
-    cache = sharded.init_decode_state()["cache"][0][0]
-    assert cache.sharding.spec == PartitionSpec(("data", "fsdp"), "tensor", None, None)
-    assert cache.addressable_shards[0].data.shape == (1, 1, 64, 16)
+    pages = sharded.init_decode_state().pages[0][0]
+    assert pages.sharding.spec == PartitionSpec("tensor", None, None, None)
+    kv, num_pages, page_size, head_dim = pages.shape
+    assert pages.addressable_shards[0].data.shape == (kv // 2, num_pages, page_size, head_dim)
     alone = TptEngine(CFG, params, **kwargs)
     assert _run(sharded, loaded, requests, 100) == _run(alone, alone.load_params(), requests, 100)

@@ -9,7 +9,7 @@ import tokenizers
 
 from tpt_jax.data import testbed, vocab
 from tpt_jax.eval import extract, fewshot
-from tpt_jax.think.tokenizer import cut_at_stop
+from tpt_jax.generate import cut_at_stop
 
 
 @pytest.mark.parametrize(

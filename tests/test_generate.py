@@ -10,11 +10,10 @@ import pytest
 import torch
 from hf_reference import make_model
 
+from tpt_jax.generate import SamplingParams, filter_logits, generate, sample
 from tpt_jax.model import param_shapes
 from tpt_jax.model._store import load_model_config, restore_params
 from tpt_jax.model.convert import hf_to_tpt
-from tpt_jax.think.generate import SamplingParams, generate
-from tpt_jax.think.sampling import filter_logits, sample
 
 PROMPTS = [[5, 17, 3], [9, 4, 22, 61, 7, 7, 30, 2, 11], [40, 41, 42, 43, 44]]
 NEW_TOKENS = 12
@@ -86,7 +85,7 @@ def test_top_k_and_top_p_exclude_tokens():
 
 
 def test_filter_falls_back_to_a_full_sort_when_candidates_are_not_enough():
-    from tpt_jax.think import sampling
+    from tpt_jax.generate import _sampling as sampling
 
     flat = jnp.zeros((2, 1000), jnp.float32)  # uniform: the top 256 hold 25.6% of the mass
     kept = filter_logits(flat, jnp.array([0, 300]), jnp.array([0.5, 1.0]))

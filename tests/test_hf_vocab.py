@@ -6,7 +6,7 @@ import numpy as np
 from think_fixtures import make_generator
 
 from tpt_jax.config import load_config
-from tpt_jax.think.tokenizer import GeneratorTokenizer
+from tpt_jax.generate import GeneratorTokenizer
 
 
 def test_prepare_with_a_tokenizer_json(tmp_path):

@@ -16,8 +16,8 @@ import time
 import pytest
 from think_fixtures import make_generator
 
+from tpt_jax.generate import GeneratorTokenizer
 from tpt_jax.think.prompts import load_template, render
-from tpt_jax.think.tokenizer import GeneratorTokenizer
 
 # Reads a JSON list of requests on stdin, prints one JSON result per request.
 CLIENT = r"""

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from tpt_jax.config import ModelConfig
+from tpt_jax.generate import SamplingParams, SlotEngine, generate, pad_prompt, stop_table
 from tpt_jax.model import init_params
-from tpt_jax.think.generate import SamplingParams, generate
-from tpt_jax.think.slots import SlotEngine, pad_prompt, stop_table
 
 CFG = ModelConfig(
     vocab_size=128,
@@ -147,7 +146,7 @@ def test_a_refilled_slot_starts_afresh(params, free):
     state, done = engine.generate_steps(p, state, 8)
     assert bool(done[0]) and engine.collect(state, [0]) == [_cut(a, NEW, stops=stops)]
     state = _insert(engine, p, state, 0, PROMPTS[1], 6)
-    assert not bool(state["done"][0])
+    assert not bool(state.done[0])
     while not bool(done[0]) or engine.collect(state, [0])[0][:1] != b[:1]:
         state, done = engine.generate_steps(p, state, 8)
     assert engine.collect(state, [0]) == [_cut(b, 6, stops=stops)]
@@ -161,11 +160,12 @@ def test_a_done_slot_does_not_advance(params, free):
     state, done = engine.generate_steps(p, state, 3)
     assert np.asarray(done).tolist() == [True, False]
 
-    def row(s, slot):
-        return jax.tree.map(
-            lambda x: np.asarray(x[slot]),
-            {k: s[k] for k in ("cache", "lengths", "tokens", "generated", "recent", "output")},
-        )
+    def row(s, slot):  # the slot's fields and the pages it owns
+        ids = engine.pages.table[slot, : engine.pages.owned[slot]].copy()
+        fields = ("lengths", "tokens", "generated", "recent", "output")
+        out = {k: np.asarray(getattr(s, k)[slot]) for k in fields}
+        out["pages"] = [np.asarray(pool[:, ids]) for layer in s.pages for pool in layer]
+        return out
 
     before, other = row(state, 0), row(state, 1)
     state, done = engine.generate_steps(p, state, 5)

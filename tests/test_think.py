@@ -11,8 +11,8 @@ import time
 import pytest
 from think_fixtures import make_generator
 
+from tpt_jax.generate import GeneratorTokenizer
 from tpt_jax.think.driver import committed_records, shard_folder
-from tpt_jax.think.tokenizer import GeneratorTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -197,9 +197,9 @@ def test_serve_answers_a_jetstream_grpc_client(setup, server):
     jax.tree_map = jax.tree.map  # google-jetstream 0.2.2 still calls it
     from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc
 
+    from tpt_jax.generate import generate
     from tpt_jax.model import param_shapes
     from tpt_jax.model._store import load_model_config, restore_params
-    from tpt_jax.think.generate import generate
 
     tok = GeneratorTokenizer(str(setup / "gen"))
     prompt = tok.encode("three apples cost six dollars")

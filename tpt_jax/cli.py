@@ -162,7 +162,7 @@ def _cmd_think(args: argparse.Namespace) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from tpt_jax.think.sample import run_sample
+    from tpt_jax.generate.sample import run_sample
 
     cfg = _load(args)
     if args.prompts_file:
@@ -188,7 +188,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             "tpt serve needs think.model_dir (a folder written by `tpt convert from-hf`)"
         )
     extras.load("serve", "tpt serve", args.verbose)
-    from tpt_jax.think.serve import start_server
+    from tpt_jax.generate.serve import start_server
 
     server, prefill = start_server(cfg, args.port, args.max_prefill_length, args.host)
     print(
@@ -304,7 +304,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from tpt_jax.train._loop import run_folder
+    from tpt_jax.train import run_folder
     from tpt_jax.train.export import export_run
 
     if args.out is not None and "=" in args.out:  # an override, not a folder

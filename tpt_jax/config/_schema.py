@@ -341,6 +341,14 @@ class ThinkConfig:
             written without thinking ("drop"), or cut back to its last complete line ("truncate").
         chunk_size: finished documents per atomically committed output chunk.
         max_concurrent_decodes: decode slots of the engine (continuous batching).
+        page_size: tokens per page of the local engine's paged KV cache.
+        kv_cache_tokens: the KV cache's capacity in tokens, shared by all slots (pages are
+            given as sequences grow and returned when they finish); 0 = enough for every slot
+            at its longest. A smaller cache runs more slots in the same memory when most
+            generations end early; if the slots in flight run out, the newest is preempted
+            and recomputed later (same result).
+        prefill_chunk: prompt tokens the local engine prefills per step (long prompts are
+            written into the cache in chunks of this many; a multiple of page_size).
         group_by: metadata field the summary and plot break thinking lengths down by.
         backend: "local" (the engine in this process), "jetstream" (a JetStream gRPC server
             at `address`, e.g. `tpt serve` or MaxText's; it samples with its own settings), or
@@ -376,6 +384,9 @@ class ThinkConfig:
     on_length: str = "keep"
     chunk_size: int = 64
     max_concurrent_decodes: int = 16
+    page_size: int = 64
+    kv_cache_tokens: int = 0
+    prefill_chunk: int = 512
     group_by: str = ""
     backend: str = "local"
     address: str = "localhost:9000"

@@ -10,7 +10,7 @@ from tpt_jax.errors import ConfigError
 MESH_AXES = ("dcn_data", "dcn_fsdp", "data", "fsdp", "tensor")
 
 
-# Chat-template variables the prompt builder passes itself (tpt_jax/think/chat_template.py).
+# Chat-template variables the prompt builder passes itself (tpt_jax/generate/_chat_template.py).
 RENDERER_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt")
 
 
@@ -155,8 +155,22 @@ def validate(cfg: schema.Config) -> None:
     _positive(cfg, "think.timeout_s", th.timeout_s)
     _positive(cfg, "think.retries", th.retries, allow_zero=True)
     _positive(cfg, "think.preemption_grace_s", th.preemption_grace_s, allow_zero=True)
-    for key in ("max_document_tokens", "max_new_tokens", "chunk_size", "max_concurrent_decodes"):
+    for key in (
+        "max_document_tokens",
+        "max_new_tokens",
+        "chunk_size",
+        "max_concurrent_decodes",
+        "page_size",
+        "prefill_chunk",
+    ):
         _positive(cfg, f"think.{key}", getattr(th, key))
+    _positive(cfg, "think.kv_cache_tokens", th.kv_cache_tokens, allow_zero=True)
+    if th.prefill_chunk % th.page_size:
+        _fail(
+            cfg,
+            "think.prefill_chunk",
+            f"must be a multiple of think.page_size ({th.page_size}), got {th.prefill_chunk}",
+        )
     _positive(cfg, "think.temperature", th.temperature, allow_zero=True)
     if not 0 < th.top_p <= 1:
         _fail(cfg, "think.top_p", f"must lie in (0, 1], got {th.top_p}")

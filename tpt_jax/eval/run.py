@@ -19,8 +19,8 @@ import numpy as np
 from tpt_jax.config import Config, EvalTaskConfig
 from tpt_jax.errors import TptError
 from tpt_jax.eval import extract, fewshot
-from tpt_jax.think.generate import generate, load_generator, unstack_layers
-from tpt_jax.think.tokenizer import GeneratorTokenizer
+from tpt_jax.generate import GeneratorTokenizer, generate, load_generator
+from tpt_jax.model import unstack_layers
 
 _FIRST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -231,7 +231,7 @@ def run_eval(cfg: Config) -> dict:
     run_dir, step = None, None
     model_dir = cfg.eval.model_dir
     if not model_dir:
-        from tpt_jax.train._loop import run_folder
+        from tpt_jax.train import run_folder
         from tpt_jax.train.export import export_run
 
         run_dir = run_folder(cfg)

@@ -60,7 +60,7 @@ def remat_policy(name: str):
 
 class Decoder(nn.Module):
     """Causal LM over packed rows (training, evaluation). Generation runs the same layers one by
-    one over a key/value cache (`tpt_jax.think.generate`).
+    one over a paged key/value cache (`decode_forward`).
 
     Call:
         tokens: int [B, T]; positions: int [B, T] (restart at 0 per segment; default arange);

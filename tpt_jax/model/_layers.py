@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from tpt_jax.config import ModelConfig
-from tpt_jax.model._attention import MASKED_SCORE, causal_attention
+from tpt_jax.model._attention import causal_attention
+from tpt_jax.model._paged import PageView, paged_attention, write_pages
 from tpt_jax.model._rope import apply_rope, inverse_frequencies
 from tpt_jax.parallel import constrain
 
@@ -105,38 +106,19 @@ class Projection(nn.Module):
         return y
 
 
-def _decode_attention(q, k, v, cache, lengths):
-    """One new token per row against a heads-major cache; returns (out [B, 1, H, D], new cache)."""
-    b, _, h, d = q.shape
-    k_cache, v_cache = cache
-    kv = k_cache.shape[1]
-    rows = jnp.arange(b)
-    # A row whose length is the cache size writes nothing (the decode slots park finished
-    # requests there, so their cache stays put).
-    k_cache = k_cache.at[rows, :, lengths].set(k[:, 0].astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, :, lengths].set(v[:, 0].astype(v_cache.dtype), mode="drop")
-    qg = q.reshape(b, kv, h // kv, d)
-    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
-    visible = jnp.arange(k_cache.shape[2])[None, :] <= lengths[:, None]
-    scores = jnp.where(visible[:, None, None], scores * (d**-0.5), MASKED_SCORE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache)
-    return out.reshape(b, 1, h, d), (k_cache, v_cache)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, optional q/k/v bias and q/k RMSNorm.
 
-    Without `cache`, attends causally over the packed row and returns (out, (k, v)) so that a
-    prefill can keep its keys and values ([B, T, KV, D]). With `cache` = (k_cache, v_cache),
-    heads-major [B, KV, S, D], and `lengths` [B], x holds one new token per row: its key/value
-    are written at position lengths[b], and it attends to cache positions 0..lengths[b].
+    Without `cache`, attends causally over the packed row (segment_ids) and returns (out, None).
+    With `cache`, a `PageView` of the paged key/value cache, the tokens' keys and values are
+    written into their pages and each token attends to its sequence's positions up to its own;
+    returns (out, the updated view).
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, lengths=None):
+    def __call__(self, x, positions, segment_ids, cache: PageView | None = None):
         c = self.cfg
         e, h, kv, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.resolved_head_dim
         q = Projection(c, (e,), (h, d), ("embed", "q_heads", "head_dim"), c.qkv_bias, name="q")(x)
@@ -152,10 +134,10 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if cache is None:
-            out = causal_attention(q, k, v, segment_ids, c)
-            new_cache = (k, v)
+            out, new_cache = causal_attention(q, k, v, segment_ids, c), None
         else:
-            out, new_cache = _decode_attention(q, k, v, cache, lengths)
+            new_cache = write_pages(cache, k, v, positions)
+            out = paged_attention(q, new_cache, positions)
         out = checkpoint_name(constrain(out, Q_HEADS), "attention_out")
         out = Projection(c, (h, d), (e,), ("q_heads", "head_dim", "embed"), name="o")(out)
         return checkpoint_name(constrain(out, RESIDUAL), "out_proj"), new_cache
@@ -181,19 +163,18 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)).
 
-    Scan-shaped: (x, ..., cache) -> (x, kv). `kv` is this layer's keys and values (the updated
-    cache when decoding) if `keep_kv`, else None, so training keeps nothing extra.
+    Scan-shaped: (x, positions, segment_ids) -> (x, None); with a `cache` (PageView), the
+    second output is the updated view.
     """
 
     cfg: ModelConfig
-    keep_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, lengths=None):
+    def __call__(self, x, positions, segment_ids, cache: PageView | None = None):
         x = constrain(x, RESIDUAL)
-        attn, kv = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="input_norm")(x), positions, segment_ids, cache, lengths
+        attn, view = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="input_norm")(x), positions, segment_ids, cache
         )
         h = constrain(x + attn, RESIDUAL)
         out = h + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(h))
-        return constrain(out, RESIDUAL), (kv if self.keep_kv else None)
+        return constrain(out, RESIDUAL), view

@@ -1,4 +1,5 @@
-"""Thinking generation: sampling, the generation engine, prompts, backends, offline driver.
+"""Thinking generation: prompts, backends (the local engine of `tpt_jax.generate`, JetStream,
+OpenAI-compatible servers, the testbed's teacher), the offline driver and its summary.
 
-Nothing here is imported by training; JetStream imports stay in the modules that serve.
+Nothing here is imported by training.
 """

@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Iterator
 
-import numpy as np
 from tqdm import tqdm
 
 from tpt_jax import storage
@@ -33,12 +32,11 @@ from tpt_jax.config import Config
 from tpt_jax.data.readers import Document, read_corpus
 from tpt_jax.data.rejects import RejectLog
 from tpt_jax.errors import TptError
+from tpt_jax.generate import GeneratorTokenizer, SamplingParams, cut_at_stop
 from tpt_jax.lock import FolderBusyError, FolderLock
 from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.think.backends import Completion
-from tpt_jax.think.generate import SamplingParams
 from tpt_jax.think.prompts import load_template, prefill_length, render
-from tpt_jax.think.tokenizer import GeneratorTokenizer, cut_at_stop
 
 THINK_OPEN = "<think>"
 STOPPING = "tpt think: SIGTERM: committing the finished documents and stopping; rerun resumes"
@@ -364,11 +362,17 @@ def _outcome(
 def _local_slots(
     cfg: Config, docs: Iterator[Document], prompt_of, tokenizer, stop_requested
 ) -> Iterator[_Slot]:
-    """Continuous batching over the in-process engine: a finished slot is refilled at once. On
-    SIGTERM the slots in progress are abandoned (pending): a decode step is not interruptible."""
+    """Continuous batching over the in-process engine (`tpt_jax.generate`): a finished slot is
+    refilled at once. On SIGTERM the slots in progress are abandoned (pending): a decode call
+    is not interruptible."""
+    from tpt_jax.generate import (
+        Request,
+        SlotEngine,
+        continuous_batching,
+        load_generator,
+        local_mesh,
+    )
     from tpt_jax.parallel import rules_from_config
-    from tpt_jax.think.generate import load_generator
-    from tpt_jax.think.slots import STEPS_PER_CALL, SlotEngine, local_mesh, pad_prompt
 
     t = cfg.think
     model_cfg, model_params = load_generator(t.model_dir, t.dtype)
@@ -381,6 +385,9 @@ def _local_slots(
         max_concurrent_decodes=t.max_concurrent_decodes,
         max_prefill_length=max_prefill,
         max_target_length=max_prefill + t.max_new_tokens + 1,
+        page_size=t.page_size,
+        num_pages=-(-t.kv_cache_tokens // t.page_size),
+        prefill_chunk=t.prefill_chunk,
         mesh=local_mesh(cfg),
         rules=rules_from_config(cfg.mesh.rules),
         eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
@@ -388,37 +395,22 @@ def _local_slots(
         # tokenization is cut from the text when the document is finished (_outcome).
         stops=[tokenizer.encode(stop) for stop in t.stop],
     )
-    params = engine.load_params()
-    state = engine.init_decode_state()
-    slots: dict[int, _Slot] = {}
-    exhausted = False
-    while not stop_requested():
-        for slot_index in range(engine.max_concurrent_decodes):
-            if slot_index in slots or exhausted:
-                continue
-            doc = next(docs, None)
-            if doc is None:
-                exhausted = True
-                break
+
+    def requests() -> Iterator[Request]:
+        for doc in docs:
             prompt, truncated = prompt_of(doc)
-            padded, length = pad_prompt(tokenizer.encode(prompt), engine.max_prefill_length)
+            tokens = tokenizer.encode(prompt)
             sampling = SamplingParams(
                 t.temperature, t.top_k, t.top_p, document_seed(t.seed, doc.id)
             )
-            prefix = engine.prefill(
-                params=params, padded_tokens=padded, true_length=length, sampling=sampling
-            )
-            state = engine.insert(prefix, state, slot_index, t.max_new_tokens)
-            slots[slot_index] = _Slot(doc, length, truncated)
-        if not slots:
-            return
-        state, done = engine.generate_steps(params, state, STEPS_PER_CALL)
-        done = np.asarray(done)
-        finished = [slot_index for slot_index in slots if done[slot_index]]
-        for slot_index, tokens in zip(finished, engine.collect(state, finished), strict=True):
-            slot = slots.pop(slot_index)
-            slot.tokens = tokens
-            yield slot
+            yield Request(tokens, t.max_new_tokens, sampling, _Slot(doc, len(tokens), truncated))
+
+    for result in continuous_batching(
+        engine, engine.load_params(), requests(), stop_requested=stop_requested
+    ):
+        slot = result.request.tag
+        slot.tokens = result.tokens
+        yield slot
 
 
 def _remote_slots(

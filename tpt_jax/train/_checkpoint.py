@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from tpt_jax.config import CheckpointConfig
 from tpt_jax.errors import CheckpointError
-from tpt_jax.model._store import check_shapes
+from tpt_jax.model import check_shapes
 
 
 class CheckpointUnreadableError(CheckpointError):

@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from tpt_jax.config import Config, save_resolved, to_dict
 from tpt_jax.errors import TptError
-from tpt_jax.model import Decoder, param_count, training_flops_per_token
-from tpt_jax.model._store import restore_params
+from tpt_jax.model import Decoder, param_count, restore_params, training_flops_per_token
 from tpt_jax.parallel import batch_sharding, make_mesh, rules_from_config
 from tpt_jax.preemption import PreemptionWatch
 from tpt_jax.train._checkpoint import RunCheckpoints

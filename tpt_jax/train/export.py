@@ -19,7 +19,7 @@ from tpt_jax.errors import TptError
 
 def export_run(cfg: Config, run_dir: str, out_dir: str, hf_dtype: str = "float32") -> dict:
     from tpt_jax.data import vocab
-    from tpt_jax.model._store import save_model
+    from tpt_jax.model import save_model
     from tpt_jax.model.convert import tpt_to_hf
     from tpt_jax.train import restore_latest
 

@@ -15,7 +15,7 @@ import tokenizers
 
 from tpt_jax import storage
 from tpt_jax.errors import TptError
-from tpt_jax.think.chat_template import SPECIAL_TOKEN_NAMES, ChatTemplate, ChatTemplateError
+from tpt_jax.generate._chat_template import SPECIAL_TOKEN_NAMES, ChatTemplate, ChatTemplateError
 
 
 class TokenizerError(TptError):

@@ -6,15 +6,14 @@ import os
 
 from tpt_jax.config import Config
 from tpt_jax.errors import TptError
-from tpt_jax.think.generate import SamplingParams, generate
-from tpt_jax.think.tokenizer import GeneratorTokenizer
+from tpt_jax.generate import GeneratorTokenizer, SamplingParams, generate
 
 
 def run_sample(
     cfg: Config, prompts: list[str], max_new_tokens: int, raw: bool = False
 ) -> list[str]:
     """Completion text of each prompt (generation stops at EOS or a think.stop string)."""
-    from tpt_jax.think.generate import load_generator
+    from tpt_jax.generate import load_generator
 
     t = cfg.think
     model_dir = t.model_dir or _exported_model(cfg)

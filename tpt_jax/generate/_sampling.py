@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -9,6 +11,17 @@ import jax.numpy as jnp
 # row (k <= CANDIDATES and the candidates hold the top-p mass); otherwise the whole vocabulary is
 # sorted. A full sort of [16, 32000] logits costs ~70 ms on a CPU, top-256 ~2 ms.
 CANDIDATES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; top_k 0 and top_p 1.0 disable those filters; token i of a request
+    is drawn with fold_in(key(seed), i)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 def _threshold(ordered, logz, top_k, top_p):

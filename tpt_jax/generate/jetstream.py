@@ -18,7 +18,7 @@ if not hasattr(jax, "tree_map"):
 
 from jetstream.engine import engine_api, tokenizer_pb2
 
-from tpt_jax.think.slots import SlotEngine, bucket_lengths, pad_prompt
+from tpt_jax.generate import SlotEngine, bucket_lengths, pad_prompt
 
 __all__ = ["TptEngine", "bucket_lengths", "pad_prompt"]
 

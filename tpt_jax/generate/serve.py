@@ -28,9 +28,8 @@ import numpy as np
 
 from tpt_jax.config import Config
 from tpt_jax.errors import ConfigError, TptError
-from tpt_jax.think.engine import TptEngine, pad_prompt
-from tpt_jax.think.generate import SamplingParams
-from tpt_jax.think.tokenizer import GeneratorTokenizer
+from tpt_jax.generate import GeneratorTokenizer, SamplingParams, pad_prompt
+from tpt_jax.generate.jetstream import TptEngine
 
 from jetstream.core import orchestrator  # isort: skip  (after engine: jax.tree_map)
 from jetstream.core.proto import jetstream_pb2_grpc  # isort: skip
@@ -217,9 +216,8 @@ def start_server(
 ) -> tuple[GrpcServer, int]:
     """Loads think.model_dir and serves it on host:port (the engine sharded over this host's
     devices). Returns the server and its prefill limit (None: `default_prefill_length`)."""
+    from tpt_jax.generate import load_generator, local_mesh
     from tpt_jax.parallel import rules_from_config
-    from tpt_jax.think.generate import load_generator
-    from tpt_jax.think.slots import local_mesh
 
     t = cfg.think
     tokenizer = GeneratorTokenizer(t.model_dir, t.chat_template_kwargs)
@@ -234,6 +232,10 @@ def start_server(
         max_concurrent_decodes=t.max_concurrent_decodes,
         max_prefill_length=max_prefill_length,
         max_target_length=max_prefill_length + t.max_new_tokens + 1,
+        # JetStream never says when a slot's request ends (a slot's pages are returned when the
+        # orchestrator refills it), so the pool holds every slot at its longest.
+        page_size=t.page_size,
+        prefill_chunk=t.prefill_chunk,
         sampling=SamplingParams(t.temperature, t.top_k, t.top_p, t.seed),
         mesh=local_mesh(cfg),
         rules=rules_from_config(cfg.mesh.rules),

@@ -1,0 +1,115 @@
+"""Attention over a paged key/value cache: the decoder's cached form reads and writes pages.
+
+Per layer, keys and values each live in a pool of fixed-size pages, `[KV, N, P, D]` (kv heads,
+pages, tokens per page, head dim; the layout of JAX's TPU paged-attention kernel). A sequence owns
+the pages listed in its row of a page table `int32 [B, max_pages]`: its token at position t sits
+in page `table[b, t // P]` at offset `t % P`. Which pages a sequence owns is decided outside
+(tpt_jax.generate); here they are only written and read.
+
+Reads touch the first `live_pages` entries of each row only, so a step's cost follows the longest
+live sequence of the batch, not the pool: the caller picks `live_pages` (a static bucket) to cover
+every query position. On TPU, one-token decode reads the pages with the Pallas paged-attention
+kernel; everywhere else (and for prefill chunks) an XLA gather of the live pages.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tpt_jax.model._attention import MASKED_SCORE
+
+
+@flax.struct.dataclass
+class PageView:
+    """One layer's pages and how a batch of queries uses them.
+
+    Attributes:
+        k_pages, v_pages: [KV, N, P, D] the pool's keys and values.
+        page_table: int32 [B, max_pages] each row's pages, in position order.
+        write: bool [B, T] whose keys and values are stored (others are dropped: padding,
+            finished or idle slots).
+        live_pages: how many leading table entries the queries read (static: a compiled bucket);
+            every query position must be below live_pages * P.
+        kernel: "xla" (gather), "pallas" (the TPU kernel, for one query token per row; longer
+            queries use the gather) or "pallas_interpret" (the kernel in interpret mode, tests).
+    """
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    page_table: jax.Array
+    write: jax.Array
+    live_pages: int = flax.struct.field(pytree_node=False)
+    kernel: str = flax.struct.field(pytree_node=False, default="xla")
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[2]
+
+
+def pallas_unsupported_reason(**shapes) -> str | None:
+    """Why decode attention should not use the Pallas TPU kernel for a model (num_heads,
+    num_kv_heads, head_dim, kv_dtype), or None when it should (imports the kernel only here)."""
+    from tpt_jax.model._paged_pallas import unsupported_reason
+
+    return unsupported_reason(**shapes)
+
+
+def write_pages(view: PageView, k: jax.Array, v: jax.Array, positions: jax.Array) -> PageView:
+    """Stores keys/values [B, T, KV, D] of tokens at `positions` [B, T] into their pages."""
+    pages, size = view.k_pages.shape[1], view.page_size
+    slot = jnp.minimum(positions // size, view.page_table.shape[1] - 1)
+    page = jnp.take_along_axis(view.page_table, slot, axis=1)
+    page = jnp.where(view.write, page, pages)  # out of bounds: the scatter drops it
+    offset = positions % size
+
+    def put(pool, new):  # pool[:, page, offset] is [KV, B, T, D]
+        return pool.at[:, page, offset].set(
+            new.transpose(2, 0, 1, 3).astype(pool.dtype), mode="drop"
+        )
+
+    return view.replace(k_pages=put(view.k_pages, k), v_pages=put(view.v_pages, v))
+
+
+def paged_attention(q: jax.Array, view: PageView, positions: jax.Array) -> jax.Array:
+    """Queries [B, T, H, D] at `positions` [B, T] attend to their row's keys at positions <= their
+    own (grouped-query: H a multiple of KV). Returns [B, T, H, D] in q's dtype."""
+    if view.kernel.startswith("pallas") and q.shape[1] == 1:
+        import jax.numpy as jnp
+
+        from tpt_jax.model._paged_pallas import decode_attention_pallas, megacore_mode_for
+
+        pages = view.k_pages.shape[1]
+        # Released slots keep a stale length over a row of out-of-pool ids: point them at a real
+        # page (read, never used) so that the kernel never copies from outside the pool.
+        table = jnp.minimum(view.page_table, pages - 1)
+        out = decode_attention_pallas(
+            q[:, 0],
+            view.k_pages,
+            view.v_pages,
+            positions[:, 0] + 1,
+            table,
+            interpret=view.kernel == "pallas_interpret",
+            megacore_mode=megacore_mode_for(jax.devices()[0], q.shape[0], view.k_pages.shape[0]),
+        )
+        return out[:, None]
+    return _gathered_attention(q, view, positions)
+
+
+def _gathered_attention(q, view: PageView, positions):
+    b, t, h, d = q.shape
+    kv = view.k_pages.shape[0]
+    ids = view.page_table[:, : view.live_pages]  # [B, L]
+
+    def gather(pool):  # [KV, B, L, P, D] -> [B, KV, L * P, D]
+        return pool[:, ids].transpose(1, 0, 2, 3, 4).reshape(b, kv, -1, d)
+
+    keys, values = gather(view.k_pages), gather(view.v_pages)
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys, preferred_element_type=jnp.float32)
+    visible = jnp.arange(keys.shape[2])[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores * (d**-0.5), MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+    return out.reshape(b, t, h, d).astype(q.dtype)
