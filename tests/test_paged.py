@@ -148,3 +148,41 @@ def test_allocator_gives_pages_as_needed_and_takes_them_back():
     assert pages.free_pages == 4 and pages.table[1].tolist() == [6] * 4
     assert pages.ensure(2, 16) and pages.owned[2] == 4
     assert not set(pages.table[2]) & set(pages.table[0, :2])  # never two owners
+
+
+def test_pallas_kernel_on_a_sharded_pool_runs_per_chip_with_the_same_logits(params):
+    """Pages split over kv heads on a 2-chip tensor mesh: the kernel (interpret mode) runs on
+    each chip's heads inside shard_map and gives the unsharded XLA path's logits."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    flat = unstack_layers(params)
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("tensor",))
+    rng = np.random.default_rng(5)
+    pages = [
+        tuple(jnp.asarray(rng.normal(size=(2, 12, PAGE, 16)), jnp.bfloat16) for _ in range(2))
+        for _ in range(cfg.num_layers)
+    ]
+    split = NamedSharding(mesh, PartitionSpec("tensor", None, None, None))
+    sharded = jax.device_put(pages, [(split, split)] * len(pages))
+    table = jnp.asarray(_shuffled_table(rng, 3, 4, 12))
+    args = (jnp.asarray([[4], [9], [60]]), jnp.asarray([[3], [17], [30]]))
+    write, first = jnp.asarray([[True], [True], [False]]), jnp.zeros(3, jnp.int32)
+    expected, _ = decode_forward(flat, cfg, *args, pages, table, write, 4, logits_at=first)
+    got, updated = jax.jit(
+        lambda p: decode_forward(
+            flat,
+            cfg,
+            *args,
+            p,
+            table,
+            write,
+            4,
+            logits_at=first,
+            kernel="pallas_interpret",
+            mesh=mesh,
+            kv_axes="tensor",
+        )
+    )(sharded)
+    np.testing.assert_allclose(expected, got, atol=2e-2, rtol=2e-2)
+    assert updated[0][0].sharding.spec[0] == "tensor"

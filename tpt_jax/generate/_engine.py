@@ -126,8 +126,6 @@ def _default_kernel(cfg: ModelConfig, mesh) -> str:
         head_dim=cfg.resolved_head_dim,
         kv_dtype=cfg.dtype,
     )
-    if reason is None and mesh is not None and mesh.size > 1:
-        reason = "the pool is sharded over several chips (the kernel runs per chip)"
     if reason is None:
         return "pallas"
     log.info("decode attention: the XLA gather path, not the Pallas kernel: %s", reason)
@@ -202,6 +200,8 @@ class SlotEngine:
         self._stops = tuple(tuple(int(i) for i in stop) for stop in stops if len(stop))
         self.kernel = kernel or _default_kernel(cfg, mesh)
         self.pages = PageAllocator(self.num_pages, page_size, self._slots, self.max_pages)
+        sharding = self.page_sharding()
+        self._kv_axes = None if sharding is None else sharding.spec[0]
         self._table_device = (None, -1)  # (device copy of the page table, its version)
         self._reach = np.zeros(self._slots, np.int64)  # positions a slot may have filled
         self._cap = np.zeros(self._slots, np.int64)  # positions a slot can ever fill
@@ -232,10 +232,11 @@ class SlotEngine:
                 "the engine has no parameters: pass them to the constructor or load_params"
             )
         if not isinstance(self._params["layers"], list):
-            self._params = jax.device_put(unstack_layers(self._params), self._param_shardings())
+            self._params = jax.device_put(unstack_layers(self._params), self.param_shardings())
         return self._params
 
-    def _param_shardings(self):
+    def param_shardings(self):
+        """The parameters' shardings in the engine's layout (None without a mesh)."""
         if self._mesh is None:
             return None
         from tpt_jax.parallel import DEFAULT_RULES, logical_shardings
@@ -457,6 +458,11 @@ class SlotEngine:
         live = self._reserve(steps)
         return self._steps(params, decode_state, self._table(), steps, live)
 
+    def decode_call(self, params, state, table, live: int, steps: int = STEPS_PER_CALL):
+        """The lowered `generate_steps` program for these (possibly abstract) arguments, for
+        ahead-of-time compilation (e.g. for a TPU topology): `.compile()` it."""
+        return self._steps.lower(params, state, table, steps, live)
+
     def collect(self, decode_state: DecodeState, slots: Sequence[int]) -> list[list[int]]:
         """The tokens emitted by these slots since their insert (a copy of their rows only)."""
         if not len(slots):
@@ -542,6 +548,7 @@ class SlotEngine:
         logits, pages = decode_forward(
             params, self.cfg, emitted[:, None], positions[:, None], state.pages, table,
             valid[:, None], live, logits_at=jnp.zeros_like(emitted), kernel=self.kernel,
+            mesh=self._mesh, kv_axes=self._kv_axes,
         )  # fmt: skip
         step_keys = jax.vmap(jax.random.fold_in)(state.keys, generated)
         following = sample(logits, step_keys, state.temperature, state.top_k, state.top_p)

@@ -51,6 +51,8 @@ def decode_forward(
     live_pages: int,
     logits_at: jax.Array | None = None,
     kernel: str = "xla",
+    mesh: jax.sharding.Mesh | None = None,
+    kv_axes: str | tuple[str, ...] | None = None,
 ) -> tuple[jax.Array, Pages]:
     """Tokens [B, T] at `positions` [B, T] through the layers (unstacked parameters), each token's
     keys and values stored in its row's pages (where `write` [B, T] is set), each token attending
@@ -59,7 +61,7 @@ def decode_forward(
     Args:
         page_table: int32 [B, max_pages]; live_pages: the leading entries read (static), covering
             every position; logits_at: int [B], the one token per row whose logits are wanted
-            (all of them when None); kernel: see `PageView`.
+            (all of them when None); kernel, mesh, kv_axes: see `PageView`.
     Returns:
         (float32 logits [B, V] with `logits_at`, else [B, T, V]; the updated pages).
     """
@@ -69,7 +71,7 @@ def decode_forward(
     layer = DecoderLayer(cfg)
     updated = []
     for layer_params, (k_pages, v_pages) in zip(params["layers"], pages, strict=True):
-        view = PageView(k_pages, v_pages, page_table, write, live_pages, kernel)
+        view = PageView(k_pages, v_pages, page_table, write, live_pages, kernel, mesh, kv_axes)
         x, view = layer.apply({"params": layer_params}, x, positions, segment_ids, view)
         updated.append((view.k_pages, view.v_pages))
     if logits_at is not None:

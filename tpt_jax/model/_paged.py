@@ -17,6 +17,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tpt_jax.model._attention import MASKED_SCORE
 
@@ -34,6 +35,8 @@ class PageView:
             every query position must be below live_pages * P.
         kernel: "xla" (gather), "pallas" (the TPU kernel, for one query token per row; longer
             queries use the gather) or "pallas_interpret" (the kernel in interpret mode, tests).
+        mesh, kv_axes: where the pages are sharded over kv heads (mesh axis names of their first
+            dimension), the Pallas kernel runs per chip on its heads (shard_map).
     """
 
     k_pages: jax.Array
@@ -42,6 +45,8 @@ class PageView:
     write: jax.Array
     live_pages: int = flax.struct.field(pytree_node=False)
     kernel: str = flax.struct.field(pytree_node=False, default="xla")
+    mesh: jax.sharding.Mesh | None = flax.struct.field(pytree_node=False, default=None)
+    kv_axes: str | tuple[str, ...] | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def page_size(self) -> int:
@@ -61,13 +66,18 @@ def write_pages(view: PageView, k: jax.Array, v: jax.Array, positions: jax.Array
     pages, size = view.k_pages.shape[1], view.page_size
     slot = jnp.minimum(positions // size, view.page_table.shape[1] - 1)
     page = jnp.take_along_axis(view.page_table, slot, axis=1)
-    page = jnp.where(view.write, page, pages)  # out of bounds: the scatter drops it
-    offset = positions % size
+    # The pool seen as [KV, N * P, D], written one (kv head, row) vector of D at a time: a
+    # scatter whose window is the last dimension only keeps the pool's own layout (with a wider
+    # window, XLA on TPU stores the pool in another layout and copies all of it every step).
+    row = jnp.where(view.write, page * size + positions % size, pages * size)  # OOB: dropped
+    heads = jnp.arange(view.k_pages.shape[0])[:, None, None]
 
-    def put(pool, new):  # pool[:, page, offset] is [KV, B, T, D]
-        return pool.at[:, page, offset].set(
-            new.transpose(2, 0, 1, 3).astype(pool.dtype), mode="drop"
-        )
+    def put(pool, new):
+        kv, n, p, d = pool.shape
+        flat = pool.reshape(kv, n * p, d)
+        new = new.transpose(2, 0, 1, 3).astype(pool.dtype)  # [KV, B, T, D]
+        flat = flat.at[heads, row[None]].set(new, mode="drop")
+        return flat.reshape(kv, n, p, d)
 
     return view.replace(k_pages=put(view.k_pages, k), v_pages=put(view.v_pages, v))
 
@@ -76,25 +86,44 @@ def paged_attention(q: jax.Array, view: PageView, positions: jax.Array) -> jax.A
     """Queries [B, T, H, D] at `positions` [B, T] attend to their row's keys at positions <= their
     own (grouped-query: H a multiple of KV). Returns [B, T, H, D] in q's dtype."""
     if view.kernel.startswith("pallas") and q.shape[1] == 1:
-        import jax.numpy as jnp
-
-        from tpt_jax.model._paged_pallas import decode_attention_pallas, megacore_mode_for
-
-        pages = view.k_pages.shape[1]
-        # Released slots keep a stale length over a row of out-of-pool ids: point them at a real
-        # page (read, never used) so that the kernel never copies from outside the pool.
-        table = jnp.minimum(view.page_table, pages - 1)
-        out = decode_attention_pallas(
-            q[:, 0],
-            view.k_pages,
-            view.v_pages,
-            positions[:, 0] + 1,
-            table,
-            interpret=view.kernel == "pallas_interpret",
-            megacore_mode=megacore_mode_for(jax.devices()[0], q.shape[0], view.k_pages.shape[0]),
-        )
-        return out[:, None]
+        return _pallas_attention(q[:, 0], view, positions[:, 0] + 1)[:, None]
     return _gathered_attention(q, view, positions)
+
+
+def _pallas_attention(q, view: PageView, lengths):
+    """q [B, H, D] through the Pallas kernel, per chip on its kv heads when the pool is sharded."""
+    import functools
+
+    from jax.sharding import PartitionSpec
+
+    from tpt_jax.model._paged_pallas import decode_attention_pallas, megacore_mode_for
+
+    kv_heads, pages = view.k_pages.shape[:2]
+    # Released slots keep a stale length over a row of out-of-pool ids: point them at a real
+    # page (read, never used) so that the kernel never copies from outside the pool.
+    table = jnp.minimum(view.page_table, pages - 1)
+    shards = 1
+    if view.mesh is not None and view.kv_axes:
+        axes = (view.kv_axes,) if isinstance(view.kv_axes, str) else view.kv_axes
+        shards = int(np.prod([view.mesh.shape[a] for a in axes]))
+    device = view.mesh.devices.flat[0] if view.mesh is not None else jax.devices()[0]
+    attend = functools.partial(
+        decode_attention_pallas,
+        interpret=view.kernel == "pallas_interpret",
+        megacore_mode=megacore_mode_for(device, q.shape[0], kv_heads // shards),
+    )
+    if view.mesh is None:
+        return attend(q, view.k_pages, view.v_pages, lengths, table)
+    heads = PartitionSpec(None, view.kv_axes, None)
+    pool = PartitionSpec(view.kv_axes, None, None, None)
+    everywhere = PartitionSpec()
+    return jax.shard_map(
+        attend,
+        mesh=view.mesh,
+        in_specs=(heads, pool, pool, everywhere, everywhere),
+        out_specs=heads,
+        check_vma=False,
+    )(q, view.k_pages, view.v_pages, lengths, table)
 
 
 def _gathered_attention(q, view: PageView, positions):
