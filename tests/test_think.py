@@ -80,7 +80,11 @@ def test_sigkill_and_restart_give_every_document_once_with_the_same_text(setup):
     expected = {r["id"]: r for r in committed_records(shard_folder(str(setup / "straight"), 0, 1))}
     assert len(expected) == 41  # 43 records: the empty and the non-UTF-8 one are rejected
 
-    config = _config(setup, "killed")
+    # The resumed run also shares a KV cache too small for its 4 slots at their longest, in
+    # other pages and prefill chunks: documents wait for pages or are preempted and recomputed,
+    # and no text changes.
+    small_cache = "  page_size: 16\n  prefill_chunk: 32\n  kv_cache_tokens: 320"
+    config = _config(setup, "killed", small_cache)
     folder = shard_folder(str(setup / "killed"), 0, 1)
     proc = subprocess.Popen(_think(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

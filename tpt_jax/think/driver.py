@@ -31,7 +31,7 @@ from tpt_jax import storage
 from tpt_jax.config import Config
 from tpt_jax.data.readers import Document, read_corpus
 from tpt_jax.data.rejects import RejectLog
-from tpt_jax.errors import TptError
+from tpt_jax.errors import ConfigError, TptError
 from tpt_jax.generate import GeneratorTokenizer, SamplingParams, cut_at_stop
 from tpt_jax.lock import FolderBusyError, FolderLock
 from tpt_jax.preemption import PreemptionWatch
@@ -379,14 +379,22 @@ def _local_slots(
     max_prefill = prefill_length(
         load_template(t.template), tokenizer, t.max_document_tokens, t.chat_template
     )
+    pool_pages = -(-t.kv_cache_tokens // t.page_size)
+    max_target = max_prefill + t.max_new_tokens + 1
+    if pool_pages and pool_pages * t.page_size < max_target:
+        raise ConfigError(
+            f"think.kv_cache_tokens={t.kv_cache_tokens} cannot hold one document at its longest "
+            f"({max_prefill} prompt + {t.max_new_tokens} new tokens): raise it, or 0 for every "
+            "slot at its longest"
+        )
     engine = SlotEngine(
         model_cfg,
         model_params,
         max_concurrent_decodes=t.max_concurrent_decodes,
         max_prefill_length=max_prefill,
-        max_target_length=max_prefill + t.max_new_tokens + 1,
+        max_target_length=max_target,
         page_size=t.page_size,
-        num_pages=-(-t.kv_cache_tokens // t.page_size),
+        num_pages=pool_pages,
         prefill_chunk=t.prefill_chunk,
         mesh=local_mesh(cfg),
         rules=rules_from_config(cfg.mesh.rules),
