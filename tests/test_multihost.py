@@ -34,7 +34,22 @@ def _free_port():
 def _env(devices):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung process killed with SIGABRT prints its stacks
     return env
+
+
+def _outputs(procs, timeout=600):
+    """Every process's output; when one hangs past `timeout`, all are aborted and the test fails
+    with every process's stacks (faulthandler) instead of a bare TimeoutExpired."""
+    deadline = time.time() + timeout
+    try:
+        return [p.communicate(timeout=max(1.0, deadline - time.time()))[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGABRT)
+        tails = [(p.communicate(timeout=60)[0] or "")[-6000:] for p in procs]
+        raise AssertionError(f"hung past {timeout}s:\n" + "\n=====\n".join(tails)) from None
 
 
 def _config(tmp_path, name, steps, save_every=2):
@@ -62,7 +77,7 @@ def _two_processes(*args):
              "--process-id", str(i), env=_env(2))
         for i in range(2)
     ]  # fmt: skip
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs = _outputs(procs)
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     return outputs

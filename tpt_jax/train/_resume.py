@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tpt_jax import storage
@@ -105,6 +104,18 @@ def _everywhere(good: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.array(good))))
 
 
+def _finite_here(params) -> bool:
+    """Whether this process's shards of `params` are all finite. Local on purpose: a check that
+    ran a computation over every host's shards would be a collective that only the processes
+    which could read the step enter, and a process that could not would wait in `_everywhere`
+    for ever."""
+    return all(
+        bool(np.isfinite(np.asarray(shard.data)).all())
+        for x in jax.tree.leaves(params)
+        for shard in x.addressable_shards
+    )
+
+
 def _read(what: Callable, log) -> object:
     """`what()`, tried again after a pause when it cannot read the files: a storage error may pass
     (a 503 from GCS), and a checkpoint must not be passed over for one."""
@@ -139,7 +150,7 @@ def restore_newest_good(
             meta = _read(lambda s=step: checkpoints.read_meta(s), log)
             check_config(meta["config"], step)
             state, meta = _read(lambda s=step: checkpoints.restore(s, abstract), log)
-            if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params)):
+            if _finite_here(state.params):
                 found = (state, meta, step, skipped)
             else:
                 reason = "its parameters are not finite"
