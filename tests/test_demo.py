@@ -77,15 +77,12 @@ def test_exported_model_generates_in_transformers_like_tpt_sample(demo):
 
 
 def test_eval_command_on_the_exported_model(demo, tmp_path):
-    from tpt_jax.data import testbed
-
     out, _ = demo
     heldout = [json.loads(x) for x in (out / "corpus" / "heldout.jsonl").open()]
-    shots = tmp_path / "shots.jsonl"
-    with shots.open("w") as f:
-        for p in testbed.make_problems(99, 2):
-            solution = testbed.teacher_thinking(p.text).replace("\n", " ")
-            f.write(json.dumps({"question": p.question, "solution": solution}) + "\n")
+    gsm = tmp_path / "gsm8k.jsonl"  # the held-out problems in GSM8K's fields
+    with gsm.open("w") as f:
+        for p in heldout[:6]:
+            f.write(json.dumps({"question": p["question"], "answer": f"#### {p['answer']}"}) + "\n")
     config = tmp_path / "eval.yaml"
     config.write_text(
         f"""
@@ -94,8 +91,7 @@ eval:
   output: {tmp_path}/eval.json
   tasks:
     - {{name: heldout_ppl, kind: perplexity, path: {out}/corpus/heldout.jsonl, limit: 8}}
-    - {{name: cot, kind: cot, path: {out}/corpus/heldout.jsonl, exemplars: {shots}, shots: 2,
-        limit: 6, max_new_tokens: 48}}
+    - {{name: gsm8k, kind: lm_eval, task: gsm8k_cot, path: {gsm}, shots: 2, max_new_tokens: 48}}
 """
     )
     result = subprocess.run(
@@ -105,9 +101,10 @@ eval:
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert results["heldout_ppl"]["tokens"] > 8 and 1 < results["heldout_ppl"]["perplexity"] < 512
-    cot = results["cot"]
-    assert cot["count"] == 6 and cot["shots"] == 2 and 0 <= cot["accuracy"] <= 1
-    prompt = cot["examples"][0]["prompt"]
-    assert prompt.count("Question: ") == 3  # two worked exemplars, then the held-out question
-    assert prompt.endswith(f"Question: {heldout[0]['question']}\nAnswer:")
+    assert 0 <= results["gsm8k"]["exact_match,strict-match"] <= 1
+    samples = [json.loads(x) for x in (tmp_path / "eval.samples_gsm8k.jsonl").open()]
+    assert {s["doc_id"] for s in samples} == set(range(6))  # (one row per filter)
+    prompt = next(s for s in samples if s["doc_id"] == 0)["arguments"][0][0]
+    assert prompt.count("Q: ") == 3  # lm-eval's two worked exemplars, then the held-out question
+    assert prompt.endswith(f"Q: {heldout[0]['question']}\nA:")
     assert "heldout_ppl  perplexity" in result.stdout

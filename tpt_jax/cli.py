@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("eval", help="held-out perplexity and few-shot chain-of-thought evals")
+    p = sub.add_parser(
+        "eval", help="lm-eval benchmarks (GSM8K, MATH, BoolQ, ...) and the testbed evals of a model"
+    )
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval)
 

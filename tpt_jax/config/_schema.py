@@ -404,27 +404,29 @@ class EvalTaskConfig:
     """One evaluation of `tpt eval`.
 
     Attributes:
-        name: the key of its results.
-        kind: "perplexity" (held-out JSONL `text`), "cot" (few-shot chain of thought, JSONL with
-            `question` and `answer`, exemplars with `solution`), "answer" (the answer right after
-            the question: its loss and the greedy exact match), or "think_first" (the question,
-            then the opening of `data.tpt_template`'s thinking; the answer is extracted from the
+        name: the key of its results (for "lm_eval": the name the task runs under).
+        kind: "lm_eval" (a task of lm-evaluation-harness, on local files), "perplexity"
+            (held-out JSONL `text`), "answer" (the testbed's answer right after the question:
+            its loss and the greedy exact match), or "think_first" (the question, then the
+            opening of `data.tpt_template`'s thinking; the answer is extracted from the
             generated reasoning).
-        path: the JSONL file (local or gs://; nothing is downloaded).
-        format: cot format, "gsm8k" or "math" (also the extractor of think_first: "gsm8k").
-        exemplars: cot exemplars file; empty: the first `shots` records of `path` (not scored).
-        shots: cot exemplars per prompt (paper: GSM8K 5, MATH 4).
-        limit: score at most this many records (0: all).
-        max_new_tokens: generation cap (paper: up to 2k).
+        task: "lm_eval": the lm-eval task it runs (e.g. gsm8k_cot, boolq, or ours under
+            tpt_jax/eval/tasks such as tpt_minerva_math): its prompts, exemplars, filters, metrics.
+        path: the data file (JSON/JSONL, local; nothing is downloaded): the test split.
+        fewshot_path: "lm_eval": the file of the few-shot split, for tasks that draw their
+            exemplars from one (the first `shots` records with lm-eval's first_n sampler).
+        shots: "lm_eval": few-shot exemplars per prompt; -1: the task's own setting.
+        limit: score at most this many records (0: all); "lm_eval" tasks use eval.limit.
+        max_new_tokens: generation cap (paper: up to 2048); for "lm_eval" 0 keeps the task's.
         answer_prefix: "answer": what follows the question before the answer.
     """
 
     name: str = ""
     kind: str = "perplexity"
+    task: str = ""
     path: str = field(default="", metadata=PATH)
-    format: str = "gsm8k"
-    exemplars: str = field(default="", metadata=PATH)
-    shots: int = 5
+    fewshot_path: str = field(default="", metadata=PATH)
+    shots: int = -1
     limit: int = 0
     max_new_tokens: int = 256
     answer_prefix: str = " Answer:"
@@ -439,13 +441,15 @@ class EvalConfig:
             checkpoint of checkpoint.output_dir/run_name, exported to <run>/export first.
         tasks: the evaluations.
         output: results JSON; empty: eval.json beside the model (or in the run folder).
-        batch_size: prompts generated together.
+        batch_size: rows scored / prompts generated together.
+        limit: "lm_eval" tasks: at most this many documents per task (0: all; for smoke tests).
     """
 
     model_dir: str = field(default="", metadata=PATH)
     tasks: list[EvalTaskConfig] = field(default_factory=list)
     output: str = field(default="", metadata=PATH)
     batch_size: int = 32
+    limit: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -191,14 +191,17 @@ def validate(cfg: schema.Config) -> None:
             _fail(cfg, "mesh.topology", str(e))
 
     _positive(cfg, "eval.batch_size", cfg.eval.batch_size)
+    _positive(cfg, "eval.limit", cfg.eval.limit, allow_zero=True)
     for i, task in enumerate(cfg.eval.tasks):
         key = f"eval.tasks[{i}]"
-        _choice(cfg, f"{key}.kind", task.kind, ("perplexity", "cot", "answer", "think_first"))
-        _choice(cfg, f"{key}.format", task.format, ("gsm8k", "math"))
+        _choice(cfg, f"{key}.kind", task.kind, ("lm_eval", "perplexity", "answer", "think_first"))
         if not task.name or not task.path:
             _fail(cfg, key, "every eval task needs a name and a path")
-        _positive(cfg, f"{key}.max_new_tokens", task.max_new_tokens)
-        _positive(cfg, f"{key}.shots", task.shots, allow_zero=True)
+        if task.kind == "lm_eval" and not task.task:
+            _fail(cfg, f"{key}.task", "name the lm-eval task to run (e.g. gsm8k_cot)")
+        _positive(cfg, f"{key}.max_new_tokens", task.max_new_tokens, allow_zero=True)
+        if task.shots < -1:
+            _fail(cfg, f"{key}.shots", "must be -1 (the task's own) or a count")
 
 
 def task_names(data: schema.DataConfig) -> list[str]:

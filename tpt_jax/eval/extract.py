@@ -1,8 +1,6 @@
-"""Answer extraction for generation evals. An answer that cannot be extracted scores 0.
-
-Formats (the paper's base-model evals):
-  gsm8k:  "... The answer is 18." (also GSM8K's own "#### 18"); the first such statement counts.
-  math:   the last \\boxed{...} (balanced braces), as MATH solutions mark their result.
+"""Answer extraction for the testbed's thinking-first eval: "... The answer is 18." (also
+GSM8K's own "#### 18"); the first such statement counts. An answer that cannot be extracted
+scores 0. (The paper's benchmarks use lm-eval's filters, and math-verify for MATH.)
 """
 
 from __future__ import annotations
@@ -28,21 +26,6 @@ def normalize_number(text: str) -> str:
 def extract_gsm8k(text: str) -> str | None:
     match = _ANSWER_IS.search(text) or _HASHES.search(text)
     return normalize_number(match.group(1)) if match else None
-
-
-def extract_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return normalize_number(text[i:j])
-    return None  # unbalanced: the generation was cut
-
-
-EXTRACTORS = {"gsm8k": extract_gsm8k, "math": extract_boxed}
 
 
 def score(prediction: str | None, reference) -> float:

@@ -1,7 +1,9 @@
 """`tpt eval CONFIG`: score a model folder on the evaluations of `eval.tasks`.
 
-Results go to a JSON file and a printed table; when the model comes from a training run, the
-same numbers go to that run's TensorBoard at the checkpoint's step.
+Tasks of kind "lm_eval" run through lm-evaluation-harness on our decoder (`tpt_jax.eval.lm`);
+the testbed's perplexity / direct-answer / thinking-first evaluations stay beside them. Results
+go to a JSON file (and lm-eval's own results JSON beside it) and a printed table; when the model
+comes from a training run, the same numbers go to that run's TensorBoard at the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from tpt_jax.config import Config, EvalTaskConfig
 from tpt_jax.errors import TptError
-from tpt_jax.eval import extract, fewshot
+from tpt_jax.eval import extract
 from tpt_jax.generate import GeneratorTokenizer, generate, load_generator
 from tpt_jax.model import unstack_layers
 
@@ -151,35 +153,12 @@ def think_first(scorer: Scorer, task: EvalTaskConfig, tpt_template: str) -> dict
     opening = tpt_template.split("{thinking}")[0]
     prompts = [opening.format(text=r["question"]) for r in records]
     completions = scorer.greedy(prompts, task.max_new_tokens, ("</think>",))
-    predictions = [extract.EXTRACTORS[task.format](c) for c in completions]
+    predictions = [extract.extract_gsm8k(c) for c in completions]
     correct = [extract.score(p, r["answer"]) for p, r in zip(predictions, records, strict=True)]
     return {
         "accuracy": float(np.mean(correct)),
         "extracted": float(np.mean([p is not None for p in predictions])),
         "count": len(records),
-        "examples": _examples(records, prompts, completions, predictions, correct),
-    }
-
-
-def few_shot_cot(scorer: Scorer, task: EvalTaskConfig) -> dict:
-    extra = 0 if task.exemplars else task.shots  # exemplars taken from the file's head
-    records = read_jsonl(task.path, task.limit + extra if task.limit else 0)
-    if task.exemplars:
-        exemplars = read_jsonl(task.exemplars, task.shots)
-    else:
-        exemplars, records = records[: task.shots], records[task.shots :]
-    _need(exemplars, task.exemplars or task.path, ("question", "solution"))
-    _need(records, task.path, ("question", "answer"))
-    prompts = [fewshot.build_prompt(task.format, exemplars, r["question"]) for r in records]
-    stops = fewshot.stop_strings(task.format)
-    completions = scorer.greedy(prompts, task.max_new_tokens, stops)
-    predictions = [extract.EXTRACTORS[task.format](c) for c in completions]
-    correct = [extract.score(p, r["answer"]) for p, r in zip(predictions, records, strict=True)]
-    return {
-        "accuracy": float(np.mean(correct)) if records else 0.0,
-        "extracted": float(np.mean([p is not None for p in predictions])) if records else 0.0,
-        "count": len(records),
-        "shots": len(exemplars),
         "examples": _examples(records, prompts, completions, predictions, correct),
     }
 
@@ -197,20 +176,54 @@ def _examples(records, prompts, completions, predictions, correct, keep: int = 3
     ]
 
 
-def evaluate(cfg: Config, model_dir: str) -> dict:
-    """Every task of cfg.eval on the model folder: {task name: metrics}."""
-    scorer = Scorer(model_dir, cfg.eval.batch_size)
+def evaluate(cfg: Config, model_dir: str, work_dir: str | None = None) -> dict:
+    """Every task of cfg.eval on the model folder: {task name: metrics}; with "lm_eval" tasks
+    also "_lm_eval": lm-eval's own results dict (work_dir holds the task yamls it wrote)."""
     results = {}
-    for task in cfg.eval.tasks:
-        if task.kind == "perplexity":
-            results[task.name] = perplexity(scorer, task)
-        elif task.kind == "answer":
-            results[task.name] = answer_direct(scorer, task)
-        elif task.kind == "think_first":
-            results[task.name] = think_first(scorer, task, cfg.data.tpt_template)
-        else:
-            results[task.name] = few_shot_cot(scorer, task)
+    own = [t for t in cfg.eval.tasks if t.kind != "lm_eval"]
+    if own:
+        scorer = Scorer(model_dir, cfg.eval.batch_size)
+        for task in own:
+            if task.kind == "perplexity":
+                results[task.name] = perplexity(scorer, task)
+            elif task.kind == "answer":
+                results[task.name] = answer_direct(scorer, task)
+            else:
+                results[task.name] = think_first(scorer, task, cfg.data.tpt_template)
+    harness_tasks = [t for t in cfg.eval.tasks if t.kind == "lm_eval"]
+    if harness_tasks:
+        results.update(_lm_eval(cfg, model_dir, harness_tasks, work_dir or model_dir))
     return results
+
+
+def _lm_eval(cfg: Config, model_dir: str, tasks: list[EvalTaskConfig], work_dir: str) -> dict:
+    from tpt_jax import extras
+
+    extras.load("eval", "tpt eval (kind: lm_eval)", modules=("lm_eval", "math_verify"))
+    from tpt_jax.eval import harness
+    from tpt_jax.eval.lm import TptLM
+
+    for task in tasks:
+        for path in filter(None, (task.path, task.fewshot_path)):
+            if not os.path.exists(path):
+                raise TptError(f"eval.tasks {task.name}: data file not found: {path}")
+    lm = TptLM(model_dir, batch_size=cfg.eval.batch_size)
+    try:
+        raw = harness.evaluate(lm, tasks, work_dir, cfg.eval.limit)
+    except KeyError as e:
+        raise TptError(f"eval.tasks: lm-eval knows no task {e}") from None
+    out = {name: _numbers(metrics) for name, metrics in raw["results"].items()}
+    out["_lm_eval"] = raw
+    return out
+
+
+def _numbers(metrics: dict) -> dict:
+    """lm-eval's metrics of one task ("exact_match,strict-match": 0.5, ...), numbers only."""
+    return {
+        k: v for k, v in metrics.items()
+        if isinstance(v, float | int) and not isinstance(v, bool) and not k.endswith("_stderr,none")
+        and "_stderr," not in k
+    }  # fmt: skip
 
 
 def format_table(results: dict) -> str:
@@ -237,10 +250,13 @@ def run_eval(cfg: Config) -> dict:
         run_dir = run_folder(cfg)
         exported = export_run(cfg, run_dir, os.path.join(run_dir, "export"))
         model_dir, step = exported["model_dir"], exported["step"]
-    results = evaluate(cfg, model_dir)
     output = cfg.eval.output or os.path.join(run_dir or model_dir, "eval.json")
+    results = evaluate(cfg, model_dir, os.path.dirname(os.path.abspath(output)))
+    raw = results.pop("_lm_eval", None)
     with fsspec.open(output, "w", auto_mkdir=True) as f:
         json.dump({"model_dir": model_dir, "step": step, "results": results}, f, indent=1)
+    if raw is not None:
+        _write_lm_eval(raw, output)
     if run_dir is not None and cfg.logging.tensorboard:
         from tensorboardX import SummaryWriter
 
@@ -250,5 +266,24 @@ def run_eval(cfg: Config) -> dict:
                     if isinstance(value, float):
                         writer.add_scalar(f"eval/{name}/{key}", value, step)
     print(format_table(results))
+    if raw is not None:
+        from lm_eval.utils import make_table
+
+        print(make_table(raw))
     print(f"eval: results in {output}")
     return results
+
+
+def _write_lm_eval(raw: dict, output: str) -> None:
+    """lm-eval's results JSON (as its CLI writes it) beside `output`, each task's samples
+    (prompt, response, filtered answer, score) as JSONL."""
+    from lm_eval.utils import handle_non_serializable
+
+    stem = os.path.splitext(output)[0]
+    samples = raw.pop("samples", {})
+    with fsspec.open(f"{stem}.lm_eval.json", "w") as f:
+        json.dump(raw, f, indent=1, default=handle_non_serializable, ensure_ascii=False)
+    for task, rows in samples.items():
+        with fsspec.open(f"{stem}.samples_{task}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
