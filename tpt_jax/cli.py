@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="lm-eval benchmarks (GSM8K, MATH, BoolQ, ...) and the testbed evals of a model"
     )
     _add_config_args(p)
+    distributed.add_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="a run's latest checkpoint -> model folder + HF folder")

@@ -206,6 +206,11 @@ class TrainConfig:
         eval_batches: batches per held-out evaluation.
         max_steps_per_run: stop this invocation after this many steps (0 = run to `steps`); a
             rerun resumes. For time-limited jobs and resume tests.
+        eval_tasks: lm-eval tasks (entries as in eval.tasks, kind "lm_eval") run on the current
+            parameters by the same path as `tpt eval`, every eval_tasks_every steps and at the
+            last step; scores logged as lm_eval/<task>/<metric> (console, metrics.jsonl,
+            TensorBoard). The tokenizer is data.vocab_path's; eval.batch_size and eval.limit apply.
+        eval_tasks_every: steps between those evaluations; 0: train.eval_every.
     """
 
     steps: int = 100
@@ -215,6 +220,8 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 4
     max_steps_per_run: int = 0
+    eval_tasks: list[EvalTaskConfig] = field(default_factory=list)
+    eval_tasks_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

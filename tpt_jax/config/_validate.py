@@ -192,8 +192,18 @@ def validate(cfg: schema.Config) -> None:
 
     _positive(cfg, "eval.batch_size", cfg.eval.batch_size)
     _positive(cfg, "eval.limit", cfg.eval.limit, allow_zero=True)
-    for i, task in enumerate(cfg.eval.tasks):
-        key = f"eval.tasks[{i}]"
+    _positive(cfg, "train.eval_tasks_every", t.eval_tasks_every, allow_zero=True)
+    if t.eval_tasks:
+        if not (t.eval_tasks_every or t.eval_every):
+            _fail(cfg, "train.eval_tasks_every", "set how often train.eval_tasks run (steps)")
+        if not cfg.data.vocab_path:
+            _fail(cfg, "train.eval_tasks", "needs data.vocab_path: the tokenizer of the prompts")
+    for i, task in enumerate(t.eval_tasks):
+        if task.kind != "lm_eval":
+            _fail(cfg, f"train.eval_tasks[{i}].kind", "training runs lm-eval tasks only: lm_eval")
+    tasks = [(f"eval.tasks[{i}]", task) for i, task in enumerate(cfg.eval.tasks)]
+    tasks += [(f"train.eval_tasks[{i}]", task) for i, task in enumerate(t.eval_tasks)]
+    for key, task in tasks:
         _choice(cfg, f"{key}.kind", task.kind, ("lm_eval", "perplexity", "answer", "think_first"))
         if not task.name or not task.path:
             _fail(cfg, key, "every eval task needs a name and a path")

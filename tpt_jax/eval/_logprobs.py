@@ -52,23 +52,52 @@ class Scorer:
     """Scores token rows with a decoder: `score(rows)` for lm-eval's `_loglikelihood_tokens`.
 
     Args:
-        model: a `tpt_jax.model.Decoder`; params: its parameters (stacked layers).
+        model_cfg: the decoder's ModelConfig.
         batch_size: rows per forward pass (the last batch is padded to it: one shape).
         chunk: positions projected onto the vocabulary at once.
+        mesh, rules: with a mesh, the parameters are sharded over it by the training rules
+            (logical axis names), the rows over its data-parallel axes, and the activations
+            constrained as in training; None: one device.
+    Call `place(params)` (stacked layers) before `score`.
     """
 
-    def __init__(self, model, params, batch_size: int, chunk: int = 256):
-        self.params, self.batch_size = params, batch_size
+    def __init__(self, model_cfg, batch_size: int, chunk: int = 256, mesh=None, rules=None):
+        from tpt_jax.model import Decoder, abstract_params
+        from tpt_jax.parallel import (
+            DEFAULT_RULES,
+            activation_sharding,
+            batch_sharding,
+            data_parallel_size,
+            logical_shardings,
+        )
+
+        self.batch_size, self.params = batch_size, None
+        rules = rules or DEFAULT_RULES
+        self._param_shardings = self._rows = None
+        if mesh is not None:
+            self._param_shardings = logical_shardings(abstract_params(model_cfg), mesh, rules)
+            self._rows = batch_sharding(mesh, rules)
+            dp = data_parallel_size(mesh)  # rows per pass: a multiple of it (padding scores 0)
+            self.batch_size = -(-batch_size // dp) * dp
+        model = Decoder(model_cfg)
 
         @functools.partial(jax.jit, static_argnames="chunk")
         def forward(params, tokens, targets, segments, chunk):
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-            hidden, head = model.apply(
-                {"params": params}, tokens, positions, segments, return_hidden=True
-            )
-            return target_logprobs(hidden, head, targets, chunk)
+            with activation_sharding(mesh, rules):  # traced here: the constraints apply
+                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                hidden, head = model.apply(
+                    {"params": params}, tokens, positions, segments, return_hidden=True
+                )
+                return target_logprobs(hidden, head, targets, chunk)
 
         self._forward = functools.partial(forward, chunk=chunk)
+
+    def place(self, params) -> dict:
+        """Puts `params` where the forward pass reads them (the mesh, when there is one)."""
+        if self._param_shardings is not None:
+            params = jax.device_put(params, self._param_shardings)
+        self.params = params
+        return params
 
     def score(self, rows: list[tuple[list[int], list[int], int]]) -> list[tuple[float, bool]]:
         """rows: (inputs, targets, n) with targets = inputs shifted by one token; the last n
@@ -83,6 +112,8 @@ class Scorer:
             for i, (inputs, shifted, _) in enumerate(batch):
                 tokens[i, : len(inputs)], targets[i, : len(inputs)] = inputs, shifted
                 segments[i, : len(inputs)] = 1
+            if self._rows is not None:
+                tokens, targets, segments = jax.device_put((tokens, targets, segments), self._rows)
             logp, greedy = jax.device_get(self._forward(self.params, tokens, targets, segments))
             for i, (inputs, _, n) in enumerate(batch):
                 end = len(inputs)

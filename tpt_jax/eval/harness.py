@@ -4,11 +4,19 @@ A task of kind "lm_eval" names a task lm-eval knows (its own, or ours under tpt_
 and the local files it reads; `local_task_yaml` writes a yaml that includes that task's yaml and
 replaces only where its data come from (and, when set, its shots and generation cap), so
 prompts, few-shot exemplars, filters and metrics stay lm-eval's. Nothing is downloaded.
+
+A group (mmlu_flan_cot_fewshot, mmlu_pro: one lm-eval task per subject) is run as its leaf
+tasks, each named `<name>_<subject>` and reading the same local files, under a group named
+`<name>` that aggregates them as lm-eval's group does. Where a leaf picks its subject by a
+dataset config name (MMLU's `dataset_name: abstract_algebra`), it keeps the records whose
+`subject` field is that name (`tpt_jax.eval.subjects`), so one file of every subject (as
+cais/mmlu's "all") serves all of them; MMLU-Pro's leaves filter by `category` themselves.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import yaml
 
@@ -34,18 +42,44 @@ def base_yaml(manager, task: str) -> str:
     return str(entry.yaml_path)
 
 
-def local_task_yaml(spec, manager) -> dict:
+def leaf_tasks(manager, name: str) -> list[str]:
+    """The tasks a group or tag of lm-eval's registry runs (the name itself for a task).
+
+    Raises:
+        KeyError: lm-eval knows no task, group or tag of that name.
+    """
+    from lm_eval.tasks._index import Kind
+
+    entry = manager.task_index.get(name)
+    if entry is None:
+        raise KeyError(name)
+    if entry.kind == Kind.TAG:
+        return [n for n, e in manager.task_index.items() if name in e.tags and e.kind == Kind.TASK]
+    if entry.kind != Kind.GROUP:
+        return [name]
+    leaves = []
+    for item in entry.cfg.get("task", []):
+        if isinstance(item, dict):  # an inline subgroup: {group: ..., task: [...]}
+            for sub in item.get("task", []):
+                leaves.extend(leaf_tasks(manager, sub))
+        else:
+            leaves.extend(leaf_tasks(manager, item))
+    return list(dict.fromkeys(leaves))
+
+
+def local_task_yaml(spec, manager, task: str | None = None, name: str | None = None) -> dict:
     """The yaml (as a dict) of `spec` (an EvalTaskConfig of kind "lm_eval"): lm-eval task
-    `spec.task` reading `spec.path` (test split) and `spec.fewshot_path` (its few-shot split,
-    when the task draws exemplars from one)."""
+    `task` (default spec.task) under `name` (default spec.name) reading `spec.path` (test
+    split) and `spec.fewshot_path` (its few-shot split, when the task draws exemplars from
+    one)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    path = base_yaml(manager, spec.task)
+    path = base_yaml(manager, task or spec.task)
     base = load_yaml(path, resolve_func=False)
     files = {"test": spec.path}
     out = {
         "include": path,
-        "task": spec.name,
+        "task": name or spec.name,
         "tag": [],
         "dataset_path": "json",
         "dataset_name": None,
@@ -67,27 +101,60 @@ def local_task_yaml(spec, manager) -> dict:
     return out
 
 
+def task_yamls(spec, manager) -> dict[str, str]:
+    """file name -> yaml text of the task (or the group and its leaf tasks) `spec` runs."""
+    from lm_eval.tasks._index import Kind
+
+    entry = manager.task_index.get(spec.task)
+    if entry is None:
+        raise KeyError(spec.task)
+    if entry.kind not in (Kind.GROUP, Kind.TAG):
+        return {
+            f"{spec.name}.yaml": yaml.safe_dump(local_task_yaml(spec, manager), sort_keys=False)
+        }
+    out, names = {}, []
+    for leaf in leaf_tasks(manager, spec.task):
+        name = f"{spec.name}_{leaf.removeprefix(spec.task + '_')}"
+        text = yaml.safe_dump(local_task_yaml(spec, manager, leaf, name), sort_keys=False)
+        subject = (manager.task_index[leaf].cfg or {}).get("dataset_name")
+        if subject and not (manager.task_index[leaf].cfg or {}).get("process_docs"):
+            text += f"process_docs: !function tpt_jax.eval.subjects.{subject}\n"
+        out[f"{name}.yaml"] = text
+        names.append(name)
+    group = {"group": spec.name, "task": names}
+    aggregate = (entry.cfg or {}).get("aggregate_metric_list") if entry.kind == Kind.GROUP else None
+    if aggregate:
+        group["aggregate_metric_list"] = aggregate
+    group["metadata"] = {"version": 1.0}
+    out[f"{spec.name}.yaml"] = yaml.safe_dump(group, sort_keys=False)
+    return out
+
+
 def write_task_yamls(specs, folder: str, manager) -> None:
-    """One `<name>.yaml` per spec in `folder` (then a TaskManager including it finds them)."""
+    """The yamls of every spec in `folder` (then a TaskManager including it finds them)."""
     os.makedirs(folder, exist_ok=True)
     for spec in specs:
-        with open(os.path.join(folder, f"{spec.name}.yaml"), "w") as f:
-            yaml.safe_dump(local_task_yaml(spec, manager), f, sort_keys=False)
+        for file_name, text in task_yamls(spec, manager).items():
+            with open(os.path.join(folder, file_name), "w") as f:
+                f.write(text)
 
 
-def evaluate(lm, specs, work_dir: str, limit: int = 0) -> dict:
+def evaluate(lm, specs, limit: int = 0) -> dict:
     """lm_eval.simple_evaluate of the tasks `specs` describe on `lm` (an lm-eval LM).
 
-    Returns lm-eval's results dict (results, configs, n-shot, samples, ...)."""
+    The task yamls go to a local temporary folder of this process (every process of a
+    multi-host run writes its own). Returns lm-eval's results dict (results, configs, n-shot,
+    samples, ...).
+    """
     import lm_eval
 
-    folder = os.path.join(work_dir, "lm_eval_tasks")
-    write_task_yamls(specs, folder, task_manager([]))
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[s.name for s in specs],
-        task_manager=task_manager([folder]),
-        limit=limit or None,
-        log_samples=True,
-        bootstrap_iters=0,
-    )
+    with tempfile.TemporaryDirectory(prefix="tpt_lm_eval_tasks_") as folder:
+        write_task_yamls(specs, folder, task_manager([]))
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[s.name for s in specs],
+            task_manager=task_manager([folder]),
+            limit=limit or None,
+            log_samples=True,
+            bootstrap_iters=0,
+        )

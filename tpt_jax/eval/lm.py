@@ -9,16 +9,20 @@ lm-eval's own HF model (`lm_eval.models.huggingface.HFLM`) answers them: the sam
 rolling windows for perplexity, the same stop-string cut of greedy generations; the numbers
 agree with it to float32 rounding (tests/test_lm_eval.py).
 
-Scope: one process. On several hosts every process computes every request (the results agree);
-splitting the requests between processes is not done yet.
+On a mesh (`mesh=`, what `tpt eval` passes: the host's chips shaped by the config's mesh) the
+parameters are sharded as in training. On several JAX processes every process answers its share
+of the requests on its own chips and all answers are gathered (`tpt_jax.eval.hosts`), so each
+process's lm-eval computes the results one process would; `tpt eval` writes them on process 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 
+import jax
 import tokenizers
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -32,9 +36,16 @@ from tqdm import tqdm
 
 from tpt_jax import storage
 from tpt_jax.errors import TptError
+from tpt_jax.eval import hosts
 from tpt_jax.eval._logprobs import Scorer
-from tpt_jax.generate import GeneratorTokenizer, SamplingParams, generate, load_generator
-from tpt_jax.model import unstack_layers
+from tpt_jax.generate import (
+    GeneratorTokenizer,
+    Request,
+    SamplingParams,
+    SlotEngine,
+    continuous_batching,
+    load_generator,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_GEN_TOKS = 256  # as HFLM, for tasks that set none
@@ -55,6 +66,11 @@ class TptLM(TemplateLM):
             tokenizer); True/False: always/never start a sequence with BOS.
         prefix_token_id: the token an empty context stands for; default BOS, else EOS.
         logits_chunk: positions projected onto the vocabulary at once.
+        mesh: a jax Mesh of this process's devices to shard parameters and rows over (by
+            `rules`, the training rules; default tpt_jax.parallel's); None: one device.
+        model: (ModelConfig, parameters with stacked layers) already in memory, such as a
+            training run's current parameters; `pretrained` then only names the folder of
+            the tokenizer files.
     """
 
     def __init__(
@@ -67,11 +83,12 @@ class TptLM(TemplateLM):
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
         logits_chunk: int = 256,
+        mesh=None,
+        rules=None,
+        model=None,
         **unused,
     ):
         super().__init__()
-        from tpt_jax.model import Decoder
-
         unused = {k: v for k, v in unused.items() if k not in ("device", "max_batch_size")}
         if unused:
             log.warning("tpt_jax model: ignoring model_args %s", sorted(unused))
@@ -79,9 +96,14 @@ class TptLM(TemplateLM):
             batch_size = 16  # no memory probing: name a number to change it
         self.batch_size = int(batch_size)
         self.model_dir = pretrained
-        self.cfg, self.params = load_generator(pretrained, dtype)
-        self._decode_params = unstack_layers(self.params)  # generation's layout, made once
-        self._scorer = Scorer(Decoder(self.cfg), self.params, self.batch_size, logits_chunk)
+        if model is None:
+            self.cfg, params = load_generator(pretrained, dtype)
+        else:
+            self.cfg, params = model
+            self.cfg = dataclasses.replace(self.cfg, dtype=dtype) if dtype else self.cfg
+        self._mesh, self._rules = mesh, rules
+        self._scorer = Scorer(self.cfg, self.batch_size, logits_chunk, mesh, rules)
+        self.load_params(params)
         self._special = GeneratorTokenizer(pretrained)  # chat template, named special tokens
         self._tok = _load_tokenizer(pretrained)
         self._max_length = int(max_length) or self.cfg.max_position
@@ -96,6 +118,13 @@ class TptLM(TemplateLM):
                 f"{pretrained}: no eos_token in tokenizer_config.json or the model config"
             )
         self._prefix_id = prefix_token_id
+        self.answered = [0, 0]  # requests this process answered, of all it was given
+
+    def load_params(self, params) -> None:
+        """Answers from now on with `params` (stacked layers, the decoder's training layout):
+        a training run's evaluation swaps them in without compiling anything again."""
+        self._scorer.place(params)
+        self._decode_params = None  # generation's layout (layers unstacked), made when needed
 
     # --- tokens ---------------------------------------------------------------------------
 
@@ -161,7 +190,8 @@ class TptLM(TemplateLM):
                 raise TptError("lm-eval request with an empty context or continuation")
             whole = (context + continuation)[-(self.max_length + 1) :]
             rows.append((whole[:-1], whole[1:], len(continuation)))
-        answers = self._scorer.score(rows)
+        answers = hosts.spread(rows, self._scorer.score, size=lambda row: len(row[0]))
+        self._count(len(rows))
         for (key, _, _), answer in zip(requests, answers, strict=True):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -223,24 +253,48 @@ class TptLM(TemplateLM):
             self.tok_encode(requests[i].args[0], left_truncate_len=context_len) for i in indices
         ]
         stops = [self._tok.encode(s, add_special_tokens=False).ids for s in until if s]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        texts: list[str | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            outputs = generate(
-                self._decode_params,
-                self.cfg,
-                [prompts[i] for i in batch],
-                max_gen,
-                sampling=sampling,
-                eos_id=self.eot_token_id,
-                stops=[s for s in stops if s],
-            )
-            for i, tokens in zip(batch, outputs, strict=True):
+        stops = [s for s in stops if s]
+
+        def answer(share: list[list[int]]) -> list[str]:
+            texts = []
+            for tokens in self._generate_tokens(share, max_gen, sampling, stops):
                 if self.eot_token_id in tokens:
                     tokens = tokens[: tokens.index(self.eot_token_id)]
-                texts[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
-        return texts
+                texts.append(postprocess_generated_text(self.tok_decode(tokens), until, None))
+            return texts
+
+        self._count(len(prompts))
+        return hosts.spread(prompts, answer)
+
+    def _count(self, n: int) -> None:
+        self.answered[0] += len(range(jax.process_index(), n, jax.process_count()))
+        self.answered[1] += n
+
+    def _generate_tokens(self, prompts, max_gen: int, sampling, stops) -> list[list[int]]:
+        """New tokens of each prompt (its EOS or stop sequence included), batch_size slots
+        batched continuously on the engine over this process's mesh."""
+        longest = max(len(p) for p in prompts)
+        bucket = 1 << max(4, (longest - 1).bit_length())  # few distinct compiled sizes
+        engine = SlotEngine(
+            self.cfg,
+            self._decode_params if self._decode_params is not None else self._scorer.params,
+            max_concurrent_decodes=min(self.batch_size, len(prompts)),
+            max_prefill_length=bucket,
+            max_target_length=bucket + (1 << max(4, max_gen.bit_length())),
+            eos_ids=(self.eot_token_id,),
+            stops=stops,
+            mesh=self._mesh,
+            rules=self._rules,
+        )
+        self._decode_params = engine.load_params()  # unstacked and placed once per parameters
+        requests = [
+            Request(prompt, max_gen, sampling or SamplingParams(), tag=i)
+            for i, prompt in enumerate(prompts)
+        ]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for result in continuous_batching(engine, self._decode_params, requests):
+            outputs[result.request.tag] = result.tokens
+        return outputs
 
     # --- chat -----------------------------------------------------------------------------
 

@@ -176,9 +176,9 @@ def _examples(records, prompts, completions, predictions, correct, keep: int = 3
     ]
 
 
-def evaluate(cfg: Config, model_dir: str, work_dir: str | None = None) -> dict:
+def evaluate(cfg: Config, model_dir: str) -> dict:
     """Every task of cfg.eval on the model folder: {task name: metrics}; with "lm_eval" tasks
-    also "_lm_eval": lm-eval's own results dict (work_dir holds the task yamls it wrote)."""
+    also "_lm_eval": lm-eval's own results dict."""
     results = {}
     own = [t for t in cfg.eval.tasks if t.kind != "lm_eval"]
     if own:
@@ -192,24 +192,49 @@ def evaluate(cfg: Config, model_dir: str, work_dir: str | None = None) -> dict:
                 results[task.name] = think_first(scorer, task, cfg.data.tpt_template)
     harness_tasks = [t for t in cfg.eval.tasks if t.kind == "lm_eval"]
     if harness_tasks:
-        results.update(_lm_eval(cfg, model_dir, harness_tasks, work_dir or model_dir))
+        results.update(_lm_eval(cfg, model_dir, harness_tasks))
     return results
 
 
-def _lm_eval(cfg: Config, model_dir: str, tasks: list[EvalTaskConfig], work_dir: str) -> dict:
+def _lm_eval(cfg: Config, model_dir: str, tasks: list[EvalTaskConfig]) -> dict:
     from tpt_jax import extras
 
     extras.load("eval", "tpt eval (kind: lm_eval)", modules=("lm_eval", "math_verify"))
-    from tpt_jax.eval import harness
+    from tpt_jax.eval.hosts import eval_mesh
     from tpt_jax.eval.lm import TptLM
+    from tpt_jax.parallel import rules_from_config
 
+    check_task_files(tasks)
+    lm = TptLM(
+        model_dir,
+        batch_size=cfg.eval.batch_size,
+        mesh=eval_mesh(cfg),
+        rules=rules_from_config(cfg.mesh.rules),
+    )
+    results = run_lm_eval(lm, tasks, cfg.eval.limit)
+    if jax.process_count() > 1:
+        mine, total = lm.answered
+        print(
+            f"eval: process {jax.process_index()} of {jax.process_count()} answered {mine} of "
+            f"{total} model requests"
+        )
+    return results
+
+
+def check_task_files(tasks: list[EvalTaskConfig]) -> None:
     for task in tasks:
         for path in filter(None, (task.path, task.fewshot_path)):
             if not os.path.exists(path):
                 raise TptError(f"eval.tasks {task.name}: data file not found: {path}")
-    lm = TptLM(model_dir, batch_size=cfg.eval.batch_size)
+
+
+def run_lm_eval(lm, tasks: list[EvalTaskConfig], limit: int = 0) -> dict:
+    """{task or group name: its numbers} of the lm-eval tasks on `lm`, and "_lm_eval": lm-eval's
+    own results dict."""
+    from tpt_jax.eval import harness
+
     try:
-        raw = harness.evaluate(lm, tasks, work_dir, cfg.eval.limit)
+        raw = harness.evaluate(lm, tasks, limit)
     except KeyError as e:
         raise TptError(f"eval.tasks: lm-eval knows no task {e}") from None
     out = {name: _numbers(metrics) for name, metrics in raw["results"].items()}
@@ -251,8 +276,10 @@ def run_eval(cfg: Config) -> dict:
         exported = export_run(cfg, run_dir, os.path.join(run_dir, "export"))
         model_dir, step = exported["model_dir"], exported["step"]
     output = cfg.eval.output or os.path.join(run_dir or model_dir, "eval.json")
-    results = evaluate(cfg, model_dir, os.path.dirname(os.path.abspath(output)))
+    results = evaluate(cfg, model_dir)
     raw = results.pop("_lm_eval", None)
+    if jax.process_index() != 0:
+        return results  # every process holds the same results; process 0 writes them
     with fsspec.open(output, "w", auto_mkdir=True) as f:
         json.dump({"model_dir": model_dir, "step": step, "results": results}, f, indent=1)
     if raw is not None:

@@ -212,6 +212,12 @@ def train(
         )
         _log(f"train: step compiled in {trainer.compile_seconds:.1f}s; {trainer.memory_report}")
         evaluate = _make_evaluator(trainer, eval_batches)
+        task_every = t.eval_tasks_every or t.eval_every
+        evaluate_tasks = None
+        if t.eval_tasks:  # lm-eval on the current parameters, as `tpt eval` runs it
+            from tpt_jax.eval.training import task_evaluator
+
+            evaluate_tasks = task_evaluator(cfg, run_dir)
 
         flops_per_step = training_flops_per_token(cfg.model, t.seq_len) * t.global_batch * t.seq_len
         pending: list[tuple[int, dict]] = []
@@ -232,7 +238,8 @@ def train(
                 and t.eval_every
                 and (done % t.eval_every == 0 or done == t.steps)
             )
-            if done % cfg.logging.log_every and not (save or run_eval):
+            run_tasks = evaluate_tasks is not None and (done % task_every == 0 or done == t.steps)
+            if done % cfg.logging.log_every and not (save or run_eval or run_tasks):
                 continue
             values = _check_finite(pending, last_good, checkpoints.directory)
             pending = []
@@ -251,12 +258,14 @@ def train(
             if run_eval:
                 eval_loss, scores = evaluate(state.params)
                 record.update(scores)
+            if run_tasks:
+                record.update(evaluate_tasks(done, state.params))
             if extra_metrics is not None:
                 record.update(extra_metrics(done))
             writer.write(done, record)
             bar.update(done - bar.n)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
-            if done % cfg.logging.log_every == 0 or done == stop or run_eval:
+            if done % cfg.logging.log_every == 0 or done == stop or run_eval or run_tasks:
                 _log(f"step {done}: {format_metrics(record)}")
             if save:
                 checkpoints.save(
