@@ -85,8 +85,10 @@ def write_pages(view: PageView, k: jax.Array, v: jax.Array, positions: jax.Array
 def paged_attention(q: jax.Array, view: PageView, positions: jax.Array) -> jax.Array:
     """Queries [B, T, H, D] at `positions` [B, T] attend to their row's keys at positions <= their
     own (grouped-query: H a multiple of KV). Returns [B, T, H, D] in q's dtype."""
-    if view.kernel.startswith("pallas") and q.shape[1] == 1:
-        return _pallas_attention(q[:, 0], view, positions[:, 0] + 1)[:, None]
+    if q.shape[1] == 1:
+        if view.kernel.startswith("pallas"):
+            return _pallas_attention(q[:, 0], view, positions[:, 0] + 1)[:, None]
+        return _blockwise_decode_attention(q[:, 0], view, positions[:, 0])[:, None]
     return _gathered_attention(q, view, positions)
 
 
@@ -124,6 +126,54 @@ def _pallas_attention(q, view: PageView, lengths):
         out_specs=heads,
         check_vma=False,
     )(q, view.k_pages, view.v_pages, lengths, table)
+
+
+# Keys per block of the XLA decode path: a block's gathered pages stay in cache while they are
+# read. Measured on a 2-core CPU (16 rows, 8 kv heads of 64, 4k live tokens): 37 ms per layer at
+# 256 tokens, 41 at 64, 57 at 1024; gathering all live pages first, then attending: 105 ms.
+BLOCK_TOKENS = 256
+
+
+def _blockwise_decode_attention(q, view: PageView, positions):
+    """One query per row [B, H, D] at `positions` [B] over its row's pages, a block of pages at a
+    time with a running softmax (no copy of all live pages is ever made), for as many blocks as
+    the longest row needs: the cost follows the longest live sequence itself, not its bucket."""
+    b, h, d = q.shape
+    kv, pages, size = view.k_pages.shape[:3]
+    group = max(1, min(view.live_pages, BLOCK_TOKENS // size))  # pages per block
+    blocks = -(-view.live_pages // group)
+    table = view.page_table[:, : view.live_pages]
+    table = jnp.pad(table, ((0, 0), (0, blocks * group - table.shape[1])))
+    table = jnp.minimum(table, pages - 1)  # unowned entries: a real page, masked below
+    qg = q.reshape(b, kv, h // kv, d).transpose(1, 0, 2, 3) * (d**-0.5)  # [KV, B, G, D]
+    width = group * size
+
+    def block(j, carry):
+        top, total, acc = carry  # [KV, B, G], [KV, B, G], [KV, B, G, D]
+        ids = jax.lax.dynamic_slice_in_dim(table, j * group, group, axis=1)  # [B, group]
+        keys = view.k_pages[:, ids].reshape(kv, b, width, d)
+        values = view.v_pages[:, ids].reshape(kv, b, width, d)
+        scores = jnp.einsum("kbgd,kbsd->kbgs", qg, keys, preferred_element_type=jnp.float32)
+        visible = j * width + jnp.arange(width)[None, :] <= positions[:, None]  # [B, S]
+        scores = jnp.where(visible[None, :, None], scores, MASKED_SCORE)
+        new_top = jnp.maximum(top, scores.max(-1))
+        weights = jnp.exp(scores - new_top[..., None])
+        scale = jnp.exp(top - new_top)
+        part = jnp.einsum(
+            "kbgs,kbsd->kbgd", weights.astype(values.dtype), values,
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        return new_top, total * scale + weights.sum(-1), acc * scale[..., None] + part
+
+    needed = jnp.minimum(jnp.max(positions) // width + 1, blocks)
+    start = (
+        jnp.full((kv, b, h // kv), MASKED_SCORE, jnp.float32),
+        jnp.zeros((kv, b, h // kv), jnp.float32),
+        jnp.zeros((kv, b, h // kv, d), jnp.float32),
+    )
+    _, total, acc = jax.lax.fori_loop(0, needed, block, start)
+    out = acc / total[..., None]  # [KV, B, G, D]; block 0 always holds position 0: total > 0
+    return out.transpose(1, 0, 2, 3).reshape(b, h, d).astype(q.dtype)
 
 
 def _gathered_attention(q, view: PageView, positions):
