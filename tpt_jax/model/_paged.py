@@ -9,7 +9,8 @@ in page `table[b, t // P]` at offset `t % P`. Which pages a sequence owns is dec
 Reads touch the first `live_pages` entries of each row only, so a step's cost follows the longest
 live sequence of the batch, not the pool: the caller picks `live_pages` (a static bucket) to cover
 every query position. On TPU, one-token decode reads the pages with the Pallas paged-attention
-kernel; everywhere else (and for prefill chunks) an XLA gather of the live pages.
+kernel; elsewhere it reads them a block at a time with a running softmax (a loop that stops at the
+longest row); prefill chunks gather their live pages at once.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class PageView:
             finished or idle slots).
         live_pages: how many leading table entries the queries read (static: a compiled bucket);
             every query position must be below live_pages * P.
-        kernel: "xla" (gather), "pallas" (the TPU kernel, for one query token per row; longer
-            queries use the gather) or "pallas_interpret" (the kernel in interpret mode, tests).
+        kernel: "xla" (the XLA paths), "pallas" (the TPU kernel, for one query token per row; longer
+            queries use XLA) or "pallas_interpret" (the kernel in interpret mode, tests).
         mesh, kv_axes: where the pages are sharded over kv heads (mesh axis names of their first
             dimension), the Pallas kernel runs per chip on its heads (shard_map).
     """
