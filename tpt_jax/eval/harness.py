@@ -15,6 +15,7 @@ cais/mmlu's "all") serves all of them; MMLU-Pro's leaves filter by `category` th
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -28,6 +29,13 @@ def task_manager(include_dirs: list[str]):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[TASKS_DIR, *include_dirs])
+
+
+@functools.cache
+def _registry():
+    """lm-eval's registry with our yamls, indexed once per process (indexing reads every task
+    yaml lm-eval ships: about 7 s here, which every evaluation during training would pay)."""
+    return task_manager([])
 
 
 def base_yaml(manager, task: str) -> str:
@@ -149,7 +157,7 @@ def evaluate(lm, specs, limit: int = 0) -> dict:
     import lm_eval
 
     with tempfile.TemporaryDirectory(prefix="tpt_lm_eval_tasks_") as folder:
-        write_task_yamls(specs, folder, task_manager([]))
+        write_task_yamls(specs, folder, _registry())
         return lm_eval.simple_evaluate(
             model=lm,
             tasks=[s.name for s in specs],
