@@ -19,6 +19,7 @@ from tpt_jax.eval import extract
         ("The answer is -3.50 dollars", "-3.5"),
         ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),
         ("the answer is 7. Later: the answer is 9.", "7"),  # the first statement counts
+        ("Then he loses 3 coins. Answer: 18.", "18"),  # the testbed documents' own format
         ("I think it is 12.", None),  # no answer statement: extraction fails
         ("", None),
     ],
@@ -50,10 +51,19 @@ def test_teacher_reasons_every_problem_to_its_stated_answer():
     assert testbed.teacher_thinking("A document about something else.") is None
 
 
-def test_tokenizer_json_encodes_like_sentencepiece():
+@pytest.mark.parametrize(
+    "model_type, symbols",
+    [
+        ("unigram", vocab.THINK_TAGS),
+        ("bpe", vocab.THINK_TAGS),
+        ("bpe", (*vocab.THINK_TAGS, *map(str, range(100)))),  # the demo's: every number a piece
+    ],
+)
+def test_tokenizer_json_encodes_like_sentencepiece(model_type, symbols):
     problems = testbed.make_problems(0, 1500)
     texts = [f"{p.text}\n<think>\n{testbed.teacher_thinking(p.text)}\n</think>" for p in problems]
-    model = vocab.train(texts, None, vocab_size=400)
+    model = vocab.train(texts, None, 400 if model_type == "unigram" else 1024, model_type,
+                        user_defined_symbols=symbols)  # fmt: skip
     sp = spm.SentencePieceProcessor(model_proto=model)
     tok = tokenizers.Tokenizer.from_str(vocab.tokenizer_json(model))
     probes = [
@@ -63,6 +73,8 @@ def test_tokenizer_json_encodes_like_sentencepiece():
         "héllo wörld ☃ 𝔘 ß",  # byte fallback
         "a\n\nb\tc",
         "<think></think><think>",
+        "Zoe sells 12 stamps, so 123 - 45 = 78. Ivy triples them. 1999 apples",
+        "unseen words: quokka, fjord, xylophone, rhythm; THE ANSWER IS 7",
     ]
     for text in probes:
         ids = sp.encode(text)

@@ -290,3 +290,36 @@ def test_training_checkpoints_and_logs_on_gcs(gcs, tmp_path):
     assert b"steps: 6" in gcs.cat("bucket/runs/r/config.yaml")
     state, meta = restore_latest(cfg, "gs://bucket/runs/r")
     assert int(state.step) == 6 and meta["data_position"] == 6
+
+
+def test_lm_eval_task_files_on_gcs(gcs, tmp_path, monkeypatch):
+    """`tpt eval` of an lm-eval task whose test and few-shot files are on gs://: found, read and
+    scored as local ones; a missing one stops with one line naming it."""
+    from test_lm_eval import MATH_PAIRS, CannedAnswers
+
+    from tpt_jax.errors import TptError
+    from tpt_jax.eval.run import run_eval
+
+    rows = [{"problem": f"Problem {i}", "solution": sol} for i, (sol, _) in enumerate(MATH_PAIRS)]
+    shots = [{"problem": f"Shot {i}", "solution": f"$\\boxed{{{i}}}$"} for i in range(5)]
+    for name, records in (("math.jsonl", rows), ("shots.jsonl", shots)):
+        with gcs.open(f"bucket/evals/{name}", "wb") as f:
+            f.write(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+
+    def config(test_file):
+        path = tmp_path / "eval.yaml"
+        path.write_text(
+            f"eval:\n  model_dir: {tmp_path}\n  output: {tmp_path}/out/eval.json\n  tasks:\n"
+            f"    - {{name: math, kind: lm_eval, task: tpt_minerva_math, path: {test_file},"
+            " fewshot_path: gs://bucket/evals/shots.jsonl}\n"
+        )
+        return load_config(str(path))
+
+    monkeypatch.setattr("tpt_jax.eval.lm.TptLM", CannedAnswers)
+    results = run_eval(config("gs://bucket/evals/math.jsonl"))
+    samples = [json.loads(x) for x in (tmp_path / "out" / "eval.samples_math.jsonl").open()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(len(MATH_PAIRS)))
+    assert samples[0]["arguments"][0][0].startswith("Problem:\nShot 0\n")  # gs:// exemplars
+    assert 0 < results["math"]["math_verify,none"] < 1
+    with pytest.raises(TptError, match=r"data file not found: gs://bucket/evals/missing\.jsonl"):
+        run_eval(config("gs://bucket/evals/missing.jsonl"))

@@ -290,11 +290,19 @@ def _cmd_compile(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from tpt_jax.demo import run_demo
+    from tpt_jax.demo import DemoOptions, run_demo
 
     _default_config(args, "demo.yaml")
     extras.load("prepare", "tpt demo", args.verbose)  # the demo runs `tpt prepare`
-    run_demo(args.config, args.overrides, args.out, args.documents, args.heldout)
+    if args.all:
+        settings = ("abundant", "constrained")
+    else:
+        settings = ("constrained",) if args.constrained else ("abundant",)
+    options = DemoOptions(
+        settings=settings, seeds=args.seeds, heldout=args.heldout, documents=args.documents,
+        quick=args.quick,
+    )  # fmt: skip
+    run_demo(args.config, args.overrides, args.out, options)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -453,8 +461,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="default: the packaged demo config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--documents", type=int, default=12000, help="testbed training documents")
-    p.add_argument("--heldout", type=int, default=200, help="held-out problems")
+    p.add_argument(
+        "--constrained",
+        action="store_true",
+        help="the data-constrained setting (few unique documents) instead of abundant",
+    )
+    p.add_argument("--all", action="store_true", help="both settings, one figure each")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer steps, seeds and held-out problems: the same figure and report (CI)",
+    )
+    p.add_argument("--seeds", type=int, default=0, help="seeds per model (default 3; quick 2)")
+    p.add_argument(
+        "--documents",
+        type=int,
+        default=0,
+        help="abundant corpus size (default: more than the budget reads)",
+    )
+    p.add_argument("--heldout", type=int, default=0,
+                   help="held-out problems (default 100; quick 24)")  # fmt: skip
     p.set_defaults(func=_cmd_demo)
     for p in sub.choices.values():  # also after the command: `tpt serve CONFIG --verbose`
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

@@ -143,7 +143,7 @@ def write(out_path: str, model: bytes) -> str:
 def tokenizer_json(model: bytes) -> str:
     """The SentencePiece model as a `tokenizers` tokenizer.json that encodes text to the same ids.
 
-    Same pieces and scores (Unigram), the model's own normalisation table, whitespace handled as
+    Same pieces and scores (Unigram) or pieces and merges (BPE), the model's own normalisation table, whitespace handled as
     SentencePiece does (collapsed, stripped, `▁` prepended), user-defined symbols (the think
     tags) cut out as whole pieces wherever they occur, byte fallback. `tpt export` ships it, so
     the engine, `tpt sample` and HF transformers tokenize a trained model's text alike.
@@ -154,14 +154,27 @@ def tokenizer_json(model: bytes) -> str:
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model)
-    if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
-        raise VocabError("tokenizer.json export supports unigram SentencePiece models only")
-    pieces = [(p.piece, p.score) for p in proto.pieces]
-    tok = tokenizers.Tokenizer(
-        tokenizers.models.Unigram(
-            pieces, unk_id=UNK_ID, byte_fallback=proto.trainer_spec.byte_fallback
+    kind, fallback = proto.trainer_spec.model_type, proto.trainer_spec.byte_fallback
+    if kind == proto.trainer_spec.UNIGRAM:
+        pieces = [(p.piece, p.score) for p in proto.pieces]
+        tok = tokenizers.Tokenizer(
+            tokenizers.models.Unigram(pieces, unk_id=UNK_ID, byte_fallback=fallback)
         )
-    )
+    elif kind == proto.trainer_spec.BPE:
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        unk = proto.pieces[UNK_ID].piece
+        tok = tokenizers.Tokenizer(
+            tokenizers.models.BPE(
+                vocab,
+                _bpe_merges(proto),
+                unk_token=unk,
+                byte_fallback=fallback,
+                fuse_unk=True,
+                ignore_merges=True,
+            )
+        )
+    else:
+        raise VocabError("tokenizer.json export supports unigram and BPE SentencePiece models")
     spec = proto.normalizer_spec
     steps = (
         [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
@@ -187,6 +200,28 @@ def tokenizer_json(model: bytes) -> str:
     controls = [p.piece for p in proto.pieces if p.type in (p.CONTROL, p.UNKNOWN)]
     tok.add_special_tokens([tokenizers.AddedToken(c, special=True) for c in controls])
     return tok.to_str()
+
+
+def _bpe_merges(proto) -> list[tuple[str, str]]:
+    """The merges of a SentencePiece BPE model, in the order its encoder applies them.
+
+    SentencePiece BPE merges, at each step, the adjacent pair whose joined piece scores highest
+    (pieces are stored best first); a `tokenizers` BPE merges the pair of lowest rank. So every
+    normal piece that splits into two pieces of the vocabulary gives a merge, ranked by the
+    joined piece's position (then the left part's, for pieces with several splits). User-defined
+    symbols are no merge's result: the pre-tokenizer cuts them out and the model takes a segment
+    that is a whole piece as it is (`ignore_merges`), as SentencePiece matches them whole.
+    """
+    index = {p.piece: i for i, p in enumerate(proto.pieces)}
+    ranked = []
+    for i, p in enumerate(proto.pieces):
+        if p.type != p.NORMAL:
+            continue
+        for cut in range(1, len(p.piece)):
+            left, right = p.piece[:cut], p.piece[cut:]
+            if left in index and right in index:
+                ranked.append((i, index[left], index[right], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
 
 
 def write_tokenizer_files(model: bytes, folder: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""Answer extraction for the testbed's thinking-first eval: "... The answer is 18." (also
-GSM8K's own "#### 18"); the first such statement counts. An answer that cannot be extracted
+"""Answer extraction for the testbed's thinking-first eval: "... The answer is 18." (also the
+testbed documents' own "Answer: 18.", which a model trained without thinking writes, and GSM8K's
+"#### 18"); the first such statement counts. An answer that cannot be extracted
 scores 0. (The paper's benchmarks use lm-eval's filters, and math-verify for MATH.)
 """
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-_ANSWER_IS = re.compile(r"answer is\s*:?\s*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer(?:\s+is)?\s*:?\s*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
 _HASHES = re.compile(r"####\s*\$?(-?[\d,]*\.?\d+)")
 
 

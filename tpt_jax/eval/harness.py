@@ -15,6 +15,7 @@ cais/mmlu's "all") serves all of them; MMLU-Pro's leaves filter by `category` th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -147,6 +148,21 @@ def write_task_yamls(specs, folder: str, manager) -> None:
                 f.write(text)
 
 
+def _local_files(spec, folder: str):
+    """`spec` reading local copies (in `folder`) of its files on remote storage (gs://): lm-eval's
+    json loader reads local paths; evaluation sets are small."""
+    from tpt_jax import storage
+
+    copies = {}
+    for field in ("path", "fewshot_path"):
+        path = getattr(spec, field)
+        if path and storage.is_remote(path):
+            copies[field] = os.path.join(folder, f"{spec.name}.{field}.{os.path.basename(path)}")
+            with open(copies[field], "wb") as f:
+                f.write(storage.read_bytes(path))
+    return dataclasses.replace(spec, **copies) if copies else spec
+
+
 def evaluate(lm, specs, limit: int = 0) -> dict:
     """lm_eval.simple_evaluate of the tasks `specs` describe on `lm` (an lm-eval LM).
 
@@ -157,6 +173,7 @@ def evaluate(lm, specs, limit: int = 0) -> dict:
     import lm_eval
 
     with tempfile.TemporaryDirectory(prefix="tpt_lm_eval_tasks_") as folder:
+        specs = [_local_files(spec, folder) for spec in specs]
         write_task_yamls(specs, folder, _registry())
         return lm_eval.simple_evaluate(
             model=lm,

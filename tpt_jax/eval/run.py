@@ -222,9 +222,11 @@ def _lm_eval(cfg: Config, model_dir: str, tasks: list[EvalTaskConfig]) -> dict:
 
 
 def check_task_files(tasks: list[EvalTaskConfig]) -> None:
+    from tpt_jax import storage
+
     for task in tasks:
         for path in filter(None, (task.path, task.fewshot_path)):
-            if not os.path.exists(path):
+            if not storage.exists(path):
                 raise TptError(f"eval.tasks {task.name}: data file not found: {path}")
 
 
