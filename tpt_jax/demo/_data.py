@@ -94,21 +94,21 @@ def _mean_tpt_tokens(vocab_path: str, template: str, records: list[dict]) -> flo
     return sum(len(ids) + 1 for ids in sp.encode(samples)) / len(samples)  # + EOS
 
 
-def prepare_for(setting: str, cfg: Config, out_dir: str, corpus: Corpus) -> tuple[int, dict]:
-    """(documents, prepare_setting's result) of a setting: all of the sample ("abundant"), or as
+def prepare_for(setting: str, cfg: Config, out_dir: str, corpus: Corpus) -> dict:
+    """prepare_setting's result for the documents of a setting: all of the sample ("abundant"), or as
     many documents as the budget's rows hold packed as TPT samples ("constrained": the TPT model
     reads each about once). Packing leaves part of a row empty, so the constrained count is
     measured: a first packing of the budget's tokens' worth of documents gives the documents per
     row, and the setting is packed again with the budget's rows' worth."""
     if setting == "abundant":
-        return len(corpus.records), prepare_setting(cfg, out_dir, corpus, len(corpus.records))
+        return prepare_setting(cfg, out_dir, corpus, len(corpus.records))
     t = cfg.train
     rows = t.steps * t.global_batch
     first = min(len(corpus.records), math.ceil(rows * t.seq_len / corpus.tpt_tokens_per_document))
     probe = prepare_setting(cfg, os.path.join(out_dir, "probe"), corpus, first)
     packed = probe["tasks"][f"{TASK}_tpt"]
     count = min(len(corpus.records), round(rows * packed["documents"] / max(packed["rows"], 1)))
-    return count, prepare_setting(cfg, out_dir, corpus, count)
+    return prepare_setting(cfg, out_dir, corpus, count)
 
 
 def prepare_setting(cfg: Config, out_dir: str, corpus: Corpus, documents: int) -> dict:

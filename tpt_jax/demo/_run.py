@@ -86,7 +86,7 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
     steps = eval_steps(t.steps)
     results, speeds = {}, {}
     for setting in options.settings:
-        count, prepared = _data.prepare_for(setting, cfg, os.path.join(out_dir, setting), corpus)
+        prepared = _data.prepare_for(setting, cfg, os.path.join(out_dir, setting), corpus)
         setting_cfg, tasks = prepared["config"], prepared["tasks"]
         _stage(
             f"{setting}: " + ", ".join(
@@ -122,9 +122,7 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
                     started,
                 )
                 if step == t.steps and setting == options.settings[0]:
-                    _export(
-                        run_cfg, stacked, corpus.vocab_path, os.path.join(out_dir, "models", model)
-                    )
+                    _export(run_cfg, stacked, os.path.join(out_dir, "models", model))
 
             trained = _seeds.train_seeds(
                 run_cfg, setting_cfg.data.prepared_dir, task, seeds, set(steps), on_eval,
@@ -139,7 +137,6 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
                 started,
             )
         results[setting] = _summarize(setting, cfg, corpus, tasks, scores, losses, steps, heldout)
-        results[setting]["documents_count"] = count
     elapsed = time.perf_counter() - started
     header = _header(cfg, seeds, budget, elapsed, speeds)
     report = _report.write(out_dir, header, results, _footer(out_dir))
@@ -225,17 +222,11 @@ def _footer(out_dir: str) -> list[str]:
     ]
 
 
-def _export(cfg: Config, stacked: dict, vocab_path: str, out: str) -> None:
-    """Seed 0's parameters as a model folder (with tokenizer and config.yaml) and an HF folder."""
-    from tpt_jax.data import vocab
-    from tpt_jax.model import save_model
-    from tpt_jax.model.convert import tpt_to_hf
+def _export(cfg: Config, stacked: dict, out: str) -> None:
+    """Seed 0's parameters as `tpt export` writes a run (model and HF folders), and config.yaml."""
+    from tpt_jax.train.export import export_params
 
-    model_dir = os.path.join(out, "model")
-    model_cfg = dataclasses.replace(cfg.model, eos_token_id=vocab.EOS_ID, bos_token_id=-1)
-    save_model(model_dir, model_cfg, jax.tree.map(lambda x: np.asarray(x[0]), stacked))
-    vocab.write_tokenizer_files(vocab.read_model(vocab_path), model_dir)
-    tpt_to_hf(model_dir, os.path.join(out, "hf"), dtype="float32")
+    export_params(cfg, jax.tree.map(lambda x: np.asarray(x[0]), stacked), out)
     save_resolved(cfg, out)
 
 
