@@ -202,3 +202,20 @@ def test_verdict_says_which_way_and_whether_the_seeds_overlap():
     assert "the paper's direction shows" in text
     assert text.endswith("neither mean is clearly above always giving the most frequent answer "
                          "(7.0%), so this does not test the paper's claim.")  # fmt: skip
+
+
+def test_a_rerun_with_another_sample_pairs_each_document_with_its_own_thinking(tmp_path):
+    """`tpt demo data.seed=1` into the folder of a `data.seed=0` run: the documents' ids repeat
+    (p0000000, ...) with other texts; each must get its own thinking, not the earlier run's."""
+    from tpt_jax.config import load_config
+    from tpt_jax.data import testbed
+    from tpt_jax.demo import _data
+
+    for seed in (0, 1):
+        cfg = load_config("configs/demo.yaml", [f"data.seed={seed}"])
+        corpus = _data.make_corpus(cfg, str(tmp_path), 300, 8)
+        for r in corpus.records:
+            assert r["thinking"] == testbed.teacher_thinking(r["text"]), (seed, r["id"])
+        assert [r["text"] for r in corpus.records] == [
+            p.text for p in testbed.make_problems(seed, 300)
+        ]

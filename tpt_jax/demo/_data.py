@@ -65,7 +65,9 @@ def make_corpus(cfg: Config, out_dir: str, documents: int, heldout: int) -> Corp
     testbed.write_corpus(train_path, problems)
     testbed.write_corpus(heldout_path, fresh[:heldout])
 
-    think_dir = os.path.join(out_dir, "think")
+    # One thinking folder per testbed sample: ids (p0000000, ...) repeat across samples, and
+    # `tpt think` resumes by id, so a rerun with another seed or size must not share a folder.
+    think_dir = os.path.join(out_dir, "think", f"seed{cfg.data.seed}-{documents}")
     source = CorpusConfig(name=TASK, paths=[train_path], meta_fields=["steps"], thinking_field="")
     think_cfg = dataclasses.replace(
         cfg.think, backend="teacher", corpus=source, output_dir=think_dir, group_by="steps",
