@@ -160,17 +160,20 @@ def test_missing_file_and_base_loop(tmp_path):
 
 
 def test_config_command_prints_resolved(tmp_path):
-    result = _tpt("config", "configs/demo.yaml", "train.steps=70", "--devices", "4")
+    result = _tpt(
+        "config", "configs/demo.yaml", "train.steps=700", "train.global_batch=8", "--devices", "4"
+    )
     assert result.returncode == 0, result.stderr
-    assert "steps: 70" in result.stdout and "mesh data=4" in result.stdout
+    assert "steps: 700" in result.stdout and "mesh data=4" in result.stdout
 
 
 def test_eval_without_tasks_and_bad_eval_keys_say_so(tmp_path):
-    result = _tpt("eval", "configs/demo.yaml")
+    result = _tpt("eval", "configs/models/tiny.yaml")
     assert result.returncode == 2 and "eval.tasks is empty" in result.stderr
-    result = _tpt("eval", "configs/demo.yaml", "model.num_heads=3")
+    result = _tpt("eval", "configs/models/tiny.yaml", "model.num_heads=3")
     assert result.returncode == 2 and "model.num_heads" in result.stderr
-    result = _tpt("eval", "configs/demo.yaml", "eval.tasks=[{name: x, kind: mmlu, path: a}]")
+    tasks = "eval.tasks=[{name: x, kind: mmlu, path: a}]"
+    result = _tpt("eval", "configs/models/tiny.yaml", tasks)
     assert result.returncode == 2 and "eval.tasks[0].kind" in result.stderr
 
 

@@ -28,6 +28,13 @@ def test_gsm8k_extraction(text, expected):
     assert extract.extract_gsm8k(text) == expected
 
 
+def test_gsm8k_extraction_of_the_last_statement():
+    assert extract.extract_gsm8k("the answer is 7. Later: the answer is 9.", last=True) == "9"
+    assert extract.extract_gsm8k("Answer: 8. <think> So the answer is 3.", last=True) == "3"
+    assert extract.extract_gsm8k("48/2 = 24.\n#### 72", last=True) == "72"
+    assert extract.extract_gsm8k("no statement", last=True) is None
+
+
 def test_scoring_counts_failed_extraction_as_zero():
     assert extract.score(None, 18) == 0.0
     assert extract.score("18", 18) == 1.0
@@ -80,3 +87,31 @@ def test_tokenizer_json_encodes_like_sentencepiece(model_type, symbols):
         ids = sp.encode(text)
         assert tok.encode(text, add_special_tokens=False).ids == ids, text
         assert tok.decode(ids, skip_special_tokens=False) == sp.decode(ids), text
+
+
+def test_thinking_first_scores_the_conclusion_of_the_reasoning_not_a_guess_before_it(tmp_path):
+    """A TPT model was trained on `document (with "Answer: N.") <think> reasoning </think>`, so
+    given a question and the think tag it often guesses an answer first and then reasons: the
+    thinking-first measure scores what the reasoning concludes (the completion ends at
+    </think>), as lm-eval's flexible extraction of a chain of thought takes its last answer."""
+    from tpt_jax.config import EvalTaskConfig
+    from tpt_jax.eval.run import think_first
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_text(
+        '{"question": "Mia has 7 coins. How many coins does Mia have?", "answer": 3}\n' * 2
+    )
+    completions = [
+        "Answer: 8. <think> Mia starts with 7 coins. Mia loses 4, so 7 - 4 = 3. So the answer is 3.",
+        "Mia starts with 7 coins. So the answer is 7. Answer: 7.",
+    ]
+
+    class CannedModel:  # the scorer's generation, replaced by fixed completions
+        def greedy(self, prompts, max_new_tokens, stops=()):
+            assert stops == ("</think>",) and len(prompts) == 2
+            return completions
+
+    task = EvalTaskConfig(name="t", kind="think_first", path=str(path), max_new_tokens=64)
+    result = think_first(CannedModel(), task, "{text}\n<think>\n{thinking}\n</think>")
+    assert [e["prediction"] for e in result["examples"]] == ["3", "7"]
+    assert result["accuracy"] == 0.5

@@ -4,7 +4,7 @@ A run is described by `Config`. YAML files and `key=value` overrides are checked
 classes by `tpt_jax.config.load`; a field's type annotation is the type a value must have.
 
 Example:
-    cfg = load_config("configs/demo.yaml", ["train.steps=10", "model.num_layers=2"])
+    cfg = load_config("configs/demo.yaml", ["train.steps=300", "model.num_layers=2"])
     cfg.model.hidden_size
 """
 
@@ -415,8 +415,8 @@ class EvalTaskConfig:
         kind: "lm_eval" (a task of lm-evaluation-harness, on local files), "perplexity"
             (held-out JSONL `text`), "answer" (the testbed's answer right after the question:
             its loss and the greedy exact match), or "think_first" (the question, then the
-            opening of `data.tpt_template`'s thinking; the answer is extracted from the
-            generated reasoning).
+            opening of `data.tpt_template`'s thinking; the answer is the last answer statement
+            of the generated reasoning, its conclusion).
         task: "lm_eval": the lm-eval task it runs (e.g. gsm8k_cot, boolq, or ours under
             tpt_jax/eval/tasks such as tpt_minerva_math): its prompts, exemplars, filters, metrics.
         path: the data file (JSON/JSONL, local; nothing is downloaded): the test split.

@@ -201,8 +201,9 @@ def _header(cfg: Config, seeds: int, budget: int, elapsed: float, speeds: dict) 
         "",
         "*Direct*: the question, then ` Answer:`; the greedy answer's exact match. *Thinking "
         "first*: the question, then the opening think tag; the model writes its reasoning "
-        "through the engine and the first `answer is N` (or the documents' own `Answer: N`, which "
-        "a model trained without thinking writes) is extracted; no match scores 0. Both are "
+        "through the engine up to the closing tag, and the answer its reasoning concludes with "
+        "(the last `answer is N`, or the documents' own `Answer: N`, which a model trained "
+        "without thinking writes) is extracted; no match scores 0. Both are "
         "`tpt eval`'s testbed evaluations (kinds `answer` and `think_first`).",
         "",
         "## Why this model, vocabulary and budget",

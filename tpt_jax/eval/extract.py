@@ -1,7 +1,8 @@
 """Answer extraction for the testbed's thinking-first eval: "... The answer is 18." (also the
 testbed documents' own "Answer: 18.", which a model trained without thinking writes, and GSM8K's
-"#### 18"); the first such statement counts. An answer that cannot be extracted
-scores 0. (The paper's benchmarks use lm-eval's filters, and math-verify for MATH.)
+"#### 18"); by default the first such statement counts, with `last=True` the last one (the
+conclusion of a chain of thought, as lm-eval's flexible extraction takes it). An answer that
+cannot be extracted scores 0. (The paper's benchmarks use lm-eval's filters, and math-verify for MATH.)
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ def normalize_number(text: str) -> str:
     return repr(value)
 
 
-def extract_gsm8k(text: str) -> str | None:
-    match = _ANSWER_IS.search(text) or _HASHES.search(text)
-    return normalize_number(match.group(1)) if match else None
+def extract_gsm8k(text: str, last: bool = False) -> str | None:
+    matches = list(_ANSWER_IS.finditer(text)) or list(_HASHES.finditer(text))
+    if not matches:
+        return None
+    return normalize_number(matches[-1 if last else 0].group(1))
 
 
 def score(prediction: str | None, reference) -> float:

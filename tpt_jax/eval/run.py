@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpt_jax.config import Config, EvalTaskConfig
+from tpt_jax.config import Config, EvalTaskConfig, ModelConfig
 from tpt_jax.errors import TptError
 from tpt_jax.eval import extract
 from tpt_jax.generate import GeneratorTokenizer, generate, load_generator
@@ -28,21 +28,50 @@ _FIRST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 class Scorer:
-    """A model folder (weights + tokenizer.json): losses by teacher forcing, greedy generation."""
+    """A model's losses by teacher forcing and greedy generation through the engine.
 
-    def __init__(self, model_dir: str, batch_size: int = 32):
+    Args:
+        tokenizer: the model's tokenizer (a folder's tokenizer.json).
+        cfg: the model's config.
+        params: its stacked-layer parameters, or None until `use` gives them; `use` swaps
+            them (one compiled model for many checkpoints of the same shape).
+            `Scorer.from_folder` loads both from a model folder.
+        batch_size: sequences per batch.
+    """
+
+    def __init__(
+        self,
+        tokenizer: GeneratorTokenizer,
+        cfg: ModelConfig,
+        params: dict | None,
+        batch_size: int = 32,
+    ):
         from tpt_jax.model import Decoder
 
-        self.tokenizer = GeneratorTokenizer(model_dir)
-        self.cfg, self.params = load_generator(model_dir, "float32")
-        self._decode_params = unstack_layers(self.params)  # generation's layout, made once
+        self.tokenizer = tokenizer
+        self.cfg = cfg
         self.batch_size = batch_size
-        model = Decoder(self.cfg)
+        model = Decoder(cfg)
         self._logits = jax.jit(
             lambda p, tokens, positions, segments: model.apply(
                 {"params": p}, tokens, positions, segments
             )
         )
+        self.params = self._decode_params = None
+        if params is not None:
+            self.use(params)
+
+    @classmethod
+    def from_folder(cls, model_dir: str, batch_size: int = 32) -> Scorer:
+        """A model folder (weights + tokenizer.json), in float32."""
+        cfg, params = load_generator(model_dir, "float32")
+        return cls(GeneratorTokenizer(model_dir), cfg, params, batch_size)
+
+    def use(self, params: dict) -> Scorer:
+        """Scores `params` (stacked-layer parameters of this model) from now on."""
+        self.params = params
+        self._decode_params = unstack_layers(params)  # generation's layout, made once
+        return self
 
     def token_losses(self, sequences: list[list[int]]) -> list[np.ndarray]:
         """Per-token NLL (nats) of tokens 1.. of each sequence given the ones before it."""
@@ -146,14 +175,15 @@ def answer_direct(scorer: Scorer, task: EvalTaskConfig) -> dict:
 
 
 def think_first(scorer: Scorer, task: EvalTaskConfig, tpt_template: str) -> dict:
-    """The question, then the opening of the thinking as training placed it; the answer is
-    extracted from the generated reasoning."""
+    """The question, then the opening of the thinking as training placed it; the answer is the
+    one the generated reasoning concludes with (the last answer statement before the closing
+    tag: a model trained on `document ; thinking` may state a guess before it reasons)."""
     records = read_jsonl(task.path, task.limit)
     _need(records, task.path, ("question", "answer"))
     opening = tpt_template.split("{thinking}")[0]
     prompts = [opening.format(text=r["question"]) for r in records]
     completions = scorer.greedy(prompts, task.max_new_tokens, ("</think>",))
-    predictions = [extract.extract_gsm8k(c) for c in completions]
+    predictions = [extract.extract_gsm8k(c, last=True) for c in completions]
     correct = [extract.score(p, r["answer"]) for p, r in zip(predictions, records, strict=True)]
     return {
         "accuracy": float(np.mean(correct)),
@@ -182,7 +212,7 @@ def evaluate(cfg: Config, model_dir: str) -> dict:
     results = {}
     own = [t for t in cfg.eval.tasks if t.kind != "lm_eval"]
     if own:
-        scorer = Scorer(model_dir, cfg.eval.batch_size)
+        scorer = Scorer.from_folder(model_dir, cfg.eval.batch_size)
         for task in own:
             if task.kind == "perplexity":
                 results[task.name] = perplexity(scorer, task)
