@@ -102,7 +102,8 @@ def test_thinking_first_scores_the_conclusion_of_the_reasoning_not_a_guess_befor
         '{"question": "Mia has 7 coins. How many coins does Mia have?", "answer": 3}\n' * 2
     )
     completions = [
-        "Answer: 8. <think> Mia starts with 7 coins. Mia loses 4, so 7 - 4 = 3. So the answer is 3.",
+        "Answer: 8. <think> Mia starts with 7 coins. Mia loses 4, so 7 - 4 = 3. "
+        "So the answer is 3.",
         "Mia starts with 7 coins. So the answer is 7. Answer: 7.",
     ]
 

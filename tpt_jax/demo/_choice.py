@@ -36,8 +36,8 @@ Pilots (testbed sample and seeds 1000; not the runs below):
 What the pilots show: within 10 minutes of 2 CPU cores the TPT model writes the form of the
 reasoning without following the story, so its thinking-first accuracy is not clearly above
 chance and that comparison does not yet test the paper's claim; the vanilla model's direct
-answers rise faster with tokens (27% at 5x the budget). Given a question and then the think tag, the TPT
-model also first writes an answer (its training put the thinking after the document, answer
-included) and then reasons; the measure scores the answer its reasoning ends with. The vanilla
-model, which never saw the tag, mostly stops at once. Longer runs:
+answers rise faster with tokens (27% at 5x the budget). Given a question and then the think
+tag, the TPT model may first state an answer (its training put the thinking after the document,
+answer included) and then reason; the measure scores the answer its reasoning ends with. The
+vanilla model, which never saw the tag, mostly stops at once. Longer runs:
 `tpt demo --seeds N train.steps=S train.global_batch=B`."""

@@ -2,7 +2,8 @@
 testbed documents' own "Answer: 18.", which a model trained without thinking writes, and GSM8K's
 "#### 18"); by default the first such statement counts, with `last=True` the last one (the
 conclusion of a chain of thought, as lm-eval's flexible extraction takes it). An answer that
-cannot be extracted scores 0. (The paper's benchmarks use lm-eval's filters, and math-verify for MATH.)
+cannot be extracted scores 0. (The paper's benchmarks use lm-eval's filters, and math-verify
+for MATH.)
 """
 
 from __future__ import annotations
