@@ -167,6 +167,17 @@ def test_config_command_prints_resolved(tmp_path):
     assert "steps: 700" in result.stdout and "mesh data=4" in result.stdout
 
 
+def test_only_commands_that_train_check_the_training_batch_against_the_devices():
+    """configs/demo.yaml trains batches of 2 rows on one device; evaluating its model (or
+    sampling, thinking, serving) on a host with 8 devices must not stop on train.global_batch;
+    training must."""
+    result = _tpt("eval", "configs/demo.yaml")
+    assert result.returncode == 2 and "eval.tasks is empty" in result.stderr, result.stderr
+    result = _tpt("train", "configs/demo.yaml")
+    assert result.returncode == 2 and "train.global_batch" in result.stderr
+    assert "not divisible by the data-parallel size 8" in result.stderr
+
+
 def test_eval_without_tasks_and_bad_eval_keys_say_so(tmp_path):
     result = _tpt("eval", "configs/models/tiny.yaml")
     assert result.returncode == 2 and "eval.tasks is empty" in result.stderr

@@ -27,15 +27,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides")
 
 
-def _load(args: argparse.Namespace, num_devices: int | None = None):
+def _load(args: argparse.Namespace, training: bool = False):
+    """The config, checked against this machine's devices (`training`: also the training batch
+    against the data-parallel size; see validate_for_devices)."""
     from tpt_jax.config import load_config, validate_for_devices
 
     cfg = load_config(args.config, args.overrides)
-    if num_devices is None:
-        import jax
+    import jax
 
-        num_devices = jax.device_count()
-    validate_for_devices(cfg, num_devices)
+    validate_for_devices(cfg, jax.device_count(), training)
     return cfg
 
 
@@ -121,7 +121,7 @@ def _parse_size(text: str) -> int:
 def _cmd_train(args: argparse.Namespace) -> None:
     from tpt_jax.train.run import run_training
 
-    cfg = _load(args)
+    cfg = _load(args, training=True)
     _check_output_folder(cfg.checkpoint.output_dir, "checkpoint.output_dir", cfg)
     result = run_training(cfg)
     print(
@@ -260,7 +260,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from tpt_jax.bench import benchmark_train_step, format_result
 
     _default_config(args, "bench.yaml")
-    print(format_result(benchmark_train_step(_load(args), steps=args.steps)))
+    print(format_result(benchmark_train_step(_load(args, training=True), steps=args.steps)))
 
 
 def _cmd_compile(args: argparse.Namespace) -> None:

@@ -299,12 +299,16 @@ def topology_chips(topology: str) -> int:
     return max(1, int(count) // _CORES_PER_CHIP[family])
 
 
-def validate_for_devices(cfg: schema.Config, num_devices: int) -> dict[str, int]:
-    """Checks that need the device count; returns the resolved mesh shape."""
+def validate_for_devices(
+    cfg: schema.Config, num_devices: int, training: bool = True
+) -> dict[str, int]:
+    """Checks that need the device count; returns the resolved mesh shape. With `training`,
+    also that the training batch splits over the data-parallel devices (commands that only
+    generate, evaluate or export never read it)."""
     sizes = mesh_shape(cfg, num_devices)
     dp = sizes["dcn_data"] * sizes["dcn_fsdp"] * sizes["data"] * sizes["fsdp"]
     micro = cfg.train.global_batch // cfg.optimizer.grad_accum_steps
-    if micro % dp:
+    if training and micro % dp:
         _fail(
             cfg,
             "train.global_batch",

@@ -76,12 +76,6 @@ def eval_mesh(cfg) -> jax.sharding.Mesh | None:
     from tpt_jax.generate import local_mesh
 
     n = len(jax.local_devices())
-    # Only the mesh matters here: a batch every data-parallel size of n chips divides.
-    cfg = dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(cfg.train, global_batch=n),
-        optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=1),
-    )
     try:
         return local_mesh(cfg)
     except TptError:

@@ -582,7 +582,7 @@ def local_mesh(cfg) -> jax.sharding.Mesh | None:
         return None
     from tpt_jax.parallel import make_mesh
 
-    return make_mesh(cfg, jax.local_devices())
+    return make_mesh(cfg, jax.local_devices(), training=False)
 
 
 def bucket_lengths(max_prefill_length: int) -> tuple[int, ...]:

@@ -12,14 +12,15 @@ from tpt_jax.config import Config, validate_for_devices
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def make_mesh(cfg: Config, devices: list | None = None) -> Mesh:
-    """A Mesh over `devices` (default: all) shaped by cfg.mesh.
+def make_mesh(cfg: Config, devices: list | None = None, training: bool = True) -> Mesh:
+    """A Mesh over `devices` (default: all) shaped by cfg.mesh (`training`: a mesh the training
+    batch must split over, see `validate_for_devices`).
 
     Across slices (dcn_data / dcn_fsdp > 1) the DCN factor multiplies the axis of the same name,
     and the device order keeps each slice's ICI axes contiguous.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = validate_for_devices(cfg, len(devices))
+    sizes = validate_for_devices(cfg, len(devices), training)
     ici = (sizes["data"], sizes["fsdp"], sizes["tensor"])
     dcn = (sizes["dcn_data"], sizes["dcn_fsdp"], 1)
     if np.prod(dcn) > 1:
