@@ -304,7 +304,7 @@ def validate_for_devices(
 ) -> dict[str, int]:
     """Checks that need the device count; returns the resolved mesh shape. With `training`,
     also that the training batch splits over the data-parallel devices (commands that only
-    generate, evaluate or export never read it)."""
+    generate or evaluate never read it)."""
     sizes = mesh_shape(cfg, num_devices)
     dp = sizes["dcn_data"] * sizes["dcn_fsdp"] * sizes["data"] * sizes["fsdp"]
     micro = cfg.train.global_batch // cfg.optimizer.grad_accum_steps
