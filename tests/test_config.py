@@ -179,12 +179,11 @@ def test_only_commands_that_train_check_the_training_batch_against_the_devices()
 
 
 def test_eval_without_tasks_and_bad_eval_keys_say_so(tmp_path):
-    result = _tpt("eval", "configs/models/tiny.yaml")
+    result = _tpt("eval", "configs/demo.yaml")
     assert result.returncode == 2 and "eval.tasks is empty" in result.stderr
-    result = _tpt("eval", "configs/models/tiny.yaml", "model.num_heads=3")
+    result = _tpt("eval", "configs/demo.yaml", "model.num_heads=3")
     assert result.returncode == 2 and "model.num_heads" in result.stderr
-    tasks = "eval.tasks=[{name: x, kind: mmlu, path: a}]"
-    result = _tpt("eval", "configs/models/tiny.yaml", tasks)
+    result = _tpt("eval", "configs/demo.yaml", "eval.tasks=[{name: x, kind: mmlu, path: a}]")
     assert result.returncode == 2 and "eval.tasks[0].kind" in result.stderr
 
 

@@ -6,6 +6,7 @@ user-defined symbols by default, so `<think>` and `</think>` are single tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -222,6 +223,12 @@ def _bpe_merges(proto) -> list[tuple[str, str]]:
             if left in index and right in index:
                 ranked.append((i, index[left], index[right], left, right))
     return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def with_special_ids(model_cfg):
+    """A ModelConfig as our SentencePiece vocabularies describe it (for generation and HF
+    export): the vocabulary's EOS ends a sequence, and no BOS is prepended."""
+    return dataclasses.replace(model_cfg, eos_token_id=EOS_ID, bos_token_id=-1)
 
 
 def write_tokenizer_files(model: bytes, folder: str) -> list[str]:

@@ -97,9 +97,9 @@ def _mean_tpt_tokens(vocab_path: str, template: str, records: list[dict]) -> flo
 
 
 def prepare_for(setting: str, cfg: Config, out_dir: str, corpus: Corpus) -> dict:
-    """prepare_setting's result for the documents of a setting: all of the sample ("abundant"), or as
-    many documents as the budget's rows hold packed as TPT samples ("constrained": the TPT model
-    reads each about once). Packing leaves part of a row empty, so the constrained count is
+    """prepare_setting's result for the documents of a setting: all of the sample ("abundant"),
+    or as many documents as the budget's rows hold packed as TPT samples ("constrained": the TPT
+    model reads each about once). Packing leaves part of a row empty, so the constrained count is
     measured: a first packing of the budget's tokens' worth of documents gives the documents per
     row, and the setting is packed again with the budget's rows' worth."""
     if setting == "abundant":

@@ -36,7 +36,7 @@ def make_scorer(cfg: ModelConfig, vocab_path: str, folder: str, batch_size: int)
     `score` gives it each checkpoint's parameters."""
     os.makedirs(folder, exist_ok=True)
     vocab.write_tokenizer_files(vocab.read_model(vocab_path), folder)
-    cfg = dataclasses.replace(cfg, dtype="float32", eos_token_id=vocab.EOS_ID, bos_token_id=-1)
+    cfg = dataclasses.replace(vocab.with_special_ids(cfg), dtype="float32")
     return Scorer(GeneratorTokenizer(folder), cfg, None, batch_size)
 
 

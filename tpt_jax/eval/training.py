@@ -8,7 +8,6 @@ and given new parameters at each evaluation, so nothing compiles twice.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 
@@ -54,8 +53,7 @@ def task_evaluator(cfg: Config, run_dir: str) -> Callable[[int, dict], dict[str,
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("tpt eval_tokenizer written")
-    # As `tpt export` describes the model: the vocabulary's EOS ends generations, no BOS.
-    model_cfg = dataclasses.replace(cfg.model, eos_token_id=vocab.EOS_ID, bos_token_id=-1)
+    model_cfg = vocab.with_special_ids(cfg.model)  # as `tpt export` describes the model
     lm = None
 
     def evaluate(step: int, params: dict) -> dict[str, float]:

@@ -8,7 +8,6 @@ same converter as `tpt convert to-hf`. The tokenizer is the run's SentencePiece 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -35,7 +34,7 @@ def export_params(cfg: Config, params: dict, out_dir: str, hf_dtype: str = "floa
     model_cfg = cfg.model
     model_dir, hf_dir = os.path.join(out_dir, "model"), os.path.join(out_dir, "hf")
     if cfg.data.vocab_path:
-        model_cfg = dataclasses.replace(model_cfg, eos_token_id=vocab.EOS_ID, bos_token_id=-1)
+        model_cfg = vocab.with_special_ids(model_cfg)
     elif cfg.data.source == "prepared":
         raise TptError("tpt export: data.vocab_path is empty; the model needs its tokenizer")
     save_model(model_dir, model_cfg, params)
