@@ -159,6 +159,43 @@ eval:
     assert "heldout_ppl  perplexity" in result.stdout
 
 
+def test_a_killed_demo_keeps_the_models_it_finished_and_reruns_only_the_rest(demo, tmp_path):
+    """kill -9 while the TPT model trains; the rerun into the same folder reuses the vanilla
+    model's curves (it never retrains them) and ends with the results of an uninterrupted run.
+    A rerun with other settings retrains."""
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "tpt_jax", "demo", "--quick", "--all", "--out", str(out)]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if "abundant tpt step" in line:  # the vanilla model is done, the TPT model is training
+            first.kill()
+            break
+    first.wait(timeout=60)
+    assert first.returncode == -9, "".join(seen)[-2000:]
+
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "abundant vanilla: reusing" in rerun.stdout
+    assert "abundant vanilla step" not in rerun.stdout  # neither trained nor scored again
+    assert "abundant tpt step" in rerun.stdout and "constrained vanilla step" in rerun.stdout
+    reference, _ = demo
+    ours = json.loads((out / "results.json").read_text())
+    theirs = json.loads((reference / "results.json").read_text())
+    for setting in ("abundant", "constrained"):  # (the prepared files' paths differ)
+        for key in ("tokens", "scores", "train_loss", "verdicts", "efficiency", "epochs"):
+            assert ours[setting][key] == theirs[setting][key], (setting, key)
+    assert (out / "models" / "vanilla" / "hf" / "config.json").exists()
+
+    again = subprocess.run(
+        [*args[:-3], "--seeds", "1", "--out", str(out)], capture_output=True, text=True, timeout=900
+    )  # the abundant setting alone, with one seed: nothing to reuse
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing" not in again.stdout and "abundant vanilla step" in again.stdout
+    assert len(json.loads((out / "results.json").read_text())["abundant"]["scores"]["tpt"]) == 1
+
+
 # --- the read-out's numerics on curves whose answer is known ---------------------------------
 
 TOKENS = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])

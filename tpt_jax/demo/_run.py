@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from tpt_jax.config import Config, MixtureComponent, load_config, save_resolved
+from tpt_jax.config import Config, MixtureComponent, dump_yaml, load_config, save_resolved, to_dict
 from tpt_jax.demo import _choice, _curves, _data, _heldout, _report, _seeds
 
 EVAL_POINTS = 5
@@ -101,6 +102,22 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
                 setting_cfg,
                 data=dataclasses.replace(setting_cfg.data, mixture=[MixtureComponent(task=task)]),
             )
+            unit = _Unit(
+                os.path.join(out_dir, setting, f"results_{model}.json"),
+                [to_dict(run_cfg), seeds, heldout, steps, tasks, corpus.heldout_path,
+                 corpus.vocab_path],
+            )  # fmt: skip
+            exported = setting != options.settings[0] or _exported(run_cfg, out_dir, model)
+            done = unit.load() if exported else None
+            if done is not None:
+                scores[model], losses[model] = done["scores"], done["loss"]
+                speeds[f"{setting} {model}"] = done["tokens_per_second"]
+                _stage(
+                    f"{setting} {model}: reusing the {seeds} seeds of an earlier run of the same "
+                    f"config ({unit.path}; delete it to train again)",
+                    started,
+                )
+                continue
             per_seed = collections.defaultdict(list)
 
             def on_eval(
@@ -131,6 +148,10 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
             scores[model] = [per_seed[s] for s in range(seeds)]
             losses[model] = trained["loss"].tolist()
             speeds[f"{setting} {model}"] = trained["tokens_per_second"]
+            unit.save(
+                {"scores": scores[model], "loss": losses[model],
+                 "tokens_per_second": speeds[f"{setting} {model}"]}
+            )  # fmt: skip
             _stage(
                 f"{setting} {model}: {seeds} seeds trained together at "
                 f"{trained['tokens_per_second']:,.0f} tokens/s (all seeds)",
@@ -175,6 +196,37 @@ def _summarize(setting, cfg, corpus, tasks, scores, losses, steps, heldout) -> d
         )
         out["efficiency"][measure] = _curves.efficiency(np.array(tokens), v, p)
     return out
+
+
+class _Unit:
+    """One model's seeds in one setting, kept in `path` once trained and scored, so that a rerun
+    of a killed or finished demo into the same folder trains only what it lacks. `inputs`
+    (config, seeds, evaluation points, prepared tasks, held-out and vocabulary files) decide
+    whether a kept result still holds: any change and the model trains again."""
+
+    def __init__(self, path: str, inputs: list):
+        self.path = path
+        digest = hashlib.sha256()
+        *settings, heldout_path, vocab_path = inputs
+        digest.update(json.dumps(_jsonable(settings), sort_keys=True, default=str).encode())
+        for name in (heldout_path, vocab_path):
+            with open(name, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+        self.key = digest.hexdigest()
+
+    def load(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                kept = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return kept.get("result") if kept.get("key") == self.key else None
+
+    def save(self, result: dict) -> None:
+        partial = f"{self.path}.partial"
+        with open(partial, "w") as f:
+            json.dump({"key": self.key, "result": result}, f, default=_plain)
+        os.replace(partial, self.path)  # a kill leaves the old file or the new, never half
 
 
 def _model_line(cfg: Config) -> str:
@@ -229,6 +281,22 @@ def _export(cfg: Config, stacked: dict, out: str) -> None:
 
     export_params(cfg, jax.tree.map(lambda x: np.asarray(x[0]), stacked), out)
     save_resolved(cfg, out)
+
+
+def _exported(cfg: Config, out_dir: str, model: str) -> bool:
+    """Whether models/<model> holds the export of a run of `cfg` (its config is written last)."""
+    try:
+        with open(os.path.join(out_dir, "models", model, "config.yaml")) as f:
+            return f.read() == dump_yaml(cfg)
+    except OSError:
+        return False
+
+
+def _plain(value):
+    """numpy values as JSON's (NaN kept: a kept result reads back as it was)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"not JSON: {type(value)}")
 
 
 def _jsonable(value):
