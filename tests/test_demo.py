@@ -96,6 +96,17 @@ def test_seed_zero_is_what_tpt_train_trains(demo, tmp_path):
         assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b), path
         assert np.abs(a - b).max() < 1e-3, path
 
+    # exported on this machine's 8 devices, more than the run's batch of 4 rows: the export
+    # needs no training batch, so the device count it trained on does not matter
+    export = subprocess.run(
+        [sys.executable, "-m", "tpt_jax", "export", str(config), str(tmp_path / "export"),
+         *overrides], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr[-3000:]
+    exported = restore_params(str(tmp_path / "export" / "model"), param_shapes(cfg.model))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(exported), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
 
 def test_exported_model_generates_in_transformers_like_tpt_sample(demo):
     import torch

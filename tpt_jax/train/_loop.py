@@ -114,9 +114,10 @@ class _Layout:
     shardings: object
 
 
-def _layout(cfg: Config, devices: list | None) -> _Layout:
-    """Mesh, optimizer and the train state's abstract shapes and shardings for a config."""
-    mesh = make_mesh(cfg, devices)
+def _layout(cfg: Config, devices: list | None, training: bool = True) -> _Layout:
+    """Mesh, optimizer and the train state's abstract shapes and shardings for a config
+    (`training`: a mesh the training batch splits over)."""
+    mesh = make_mesh(cfg, devices, training)
     rules = rules_from_config(cfg.mesh.rules)
     schedule = learning_rate(cfg.schedule, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)
@@ -125,8 +126,9 @@ def _layout(cfg: Config, devices: list | None) -> _Layout:
 
 
 def restore_latest(cfg: Config, run_dir: str, devices: list | None = None):
-    """(state, meta) of a run's latest checkpoint, placed on cfg's mesh over `devices`."""
-    layout = _layout(cfg, devices)
+    """(state, meta) of a run's latest checkpoint, placed on cfg's mesh over `devices` (any
+    number of them: restoring reads no training batch, so it need not split over them)."""
+    layout = _layout(cfg, devices, training=False)
     checkpoints = RunCheckpoints(run_dir, cfg.checkpoint)
     try:
         latest = checkpoints.latest_step()
