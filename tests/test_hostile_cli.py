@@ -407,3 +407,14 @@ def test_relaunch_reads_and_reports_a_hostile_run_name_literally(name, gcloud, w
 def test_a_run_name_with_a_slash_is_refused(gcloud):
     result = _script("launch.sh", *RESOURCE, "--run", "../x", "--", "train", "c.yaml")
     assert result.returncode == 2 and "--run" in result.stderr and gcloud() == []
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--seeds", "-1"), ("--heldout", "-5"), ("--heldout", "100000"),
+                    ("--documents", "-3"), ("--seeds", "two")],
+)  # fmt: skip
+def test_demo_counts_out_of_range_stop_at_the_command_line(flag, value, tmp_path):
+    result = _tpt("demo", "--quick", flag, value, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"argument {flag}:" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()  # nothing was started

@@ -327,6 +327,22 @@ def _cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def _count(most: int | None = None):
+    """An argparse type: a whole number from 0 (the default) to `most`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0 or (most is not None and value > most):
+            bound = f"0 to {most}" if most is not None else "0 or more"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {bound}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tpt_jax.parallel import distributed  # imports JAX: after _skip_absent_tpu
 
@@ -472,14 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fewer steps, seeds and held-out problems: the same figure and report (CI)",
     )
-    p.add_argument("--seeds", type=int, default=0, help="seeds per model (default 3; quick 2)")
+    p.add_argument(
+        "--seeds", type=_count(32), default=0, help="seeds per model (default 3; quick 2)"
+    )
     p.add_argument(
         "--documents",
-        type=int,
+        type=_count(),
         default=0,
         help="abundant corpus size (default: more than the budget reads)",
     )
-    p.add_argument("--heldout", type=int, default=0,
+    p.add_argument("--heldout", type=_count(2000), default=0,
                    help="held-out problems (default 100; quick 24)")  # fmt: skip
     p.set_defaults(func=_cmd_demo)
     for p in sub.choices.values():  # also after the command: `tpt serve CONFIG --verbose`

@@ -25,6 +25,7 @@ from tpt_jax.config import Config, MixtureComponent, dump_yaml, load_config, sav
 from tpt_jax.demo import _choice, _curves, _data, _heldout, _report, _seeds
 
 EVAL_POINTS = 5
+SCORE_BATCH = 128  # held-out problems scored at once (memory grows with it)
 QUICK = {"steps": 40, "global_batch": 4, "seeds": 2, "heldout": 24, "warmup": 4}
 ABUNDANT_DOCS_PER_MTOKEN = 40_000  # a vanilla document has over 25 tokens: none repeats
 
@@ -82,7 +83,7 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
         started,
     )
     scorer = _heldout.make_scorer(
-        cfg.model, corpus.vocab_path, os.path.join(out_dir, "tokenizer"), heldout
+        cfg.model, corpus.vocab_path, os.path.join(out_dir, "tokenizer"), min(heldout, SCORE_BATCH)
     )
     steps = eval_steps(t.steps)
     results, speeds = {}, {}
