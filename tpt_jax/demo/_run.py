@@ -221,7 +221,9 @@ class _Unit:
                 kept = json.load(f)
         except (OSError, ValueError):
             return None
-        return kept.get("result") if kept.get("key") == self.key else None
+        if not isinstance(kept, dict) or kept.get("key") != self.key:
+            return None  # another config's, or not ours: train again
+        return kept.get("result")
 
     def save(self, result: dict) -> None:
         partial = f"{self.path}.partial"
