@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from tpt_jax import storage
 from tpt_jax.config import Config, MixtureComponent, dump_yaml, load_config, save_resolved, to_dict
 from tpt_jax.demo import _choice, _curves, _data, _heldout, _report, _seeds
 
@@ -86,6 +87,7 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
         cfg.model, corpus.vocab_path, os.path.join(out_dir, "tokenizer"), min(heldout, SCORE_BATCH)
     )
     steps = eval_steps(t.steps)
+    corpus_files = [_sha256(corpus.heldout_path), _sha256(corpus.vocab_path)]
     results, speeds = {}, {}
     for setting in options.settings:
         prepared = _data.prepare_for(setting, cfg, os.path.join(out_dir, setting), corpus)
@@ -103,19 +105,20 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
                 setting_cfg,
                 data=dataclasses.replace(setting_cfg.data, mixture=[MixtureComponent(task=task)]),
             )
-            unit = _Unit(
-                os.path.join(out_dir, setting, f"results_{model}.json"),
-                [to_dict(run_cfg), seeds, heldout, steps, tasks, corpus.heldout_path,
-                 corpus.vocab_path],
-            )  # fmt: skip
+            # Each model's seeds, once trained and scored, are kept so that a rerun of a killed or
+            # finished demo into this folder trains only what it lacks; any change in what they
+            # were made from (the key) and the model trains again.
+            kept_path = os.path.join(out_dir, setting, f"results_{model}.json")
+            inputs = [to_dict(run_cfg), seeds, heldout, steps, _jsonable(tasks), corpus_files]
+            key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
             exported = setting != options.settings[0] or _exported(run_cfg, out_dir, model)
-            done = unit.load() if exported else None
+            done = _kept(kept_path, key) if exported else None
             if done is not None:
                 scores[model], losses[model] = done["scores"], done["loss"]
                 speeds[f"{setting} {model}"] = done["tokens_per_second"]
                 _stage(
                     f"{setting} {model}: reusing the {seeds} seeds of an earlier run of the same "
-                    f"config ({unit.path}; delete it to train again)",
+                    f"config ({kept_path}; delete it to train again)",
                     started,
                 )
                 continue
@@ -149,10 +152,10 @@ def run_demo(config: str, overrides: list[str], out_dir: str, options: DemoOptio
             scores[model] = [per_seed[s] for s in range(seeds)]
             losses[model] = trained["loss"].tolist()
             speeds[f"{setting} {model}"] = trained["tokens_per_second"]
-            unit.save(
-                {"scores": scores[model], "loss": losses[model],
-                 "tokens_per_second": speeds[f"{setting} {model}"]}
-            )  # fmt: skip
+            result = {"scores": scores[model], "loss": losses[model],
+                      "tokens_per_second": speeds[f"{setting} {model}"]}  # fmt: skip
+            kept = json.dumps({"key": key, "result": result}, default=_plain)
+            storage.write_bytes(kept_path, kept.encode())  # whole or not at all
             _stage(
                 f"{setting} {model}: {seeds} seeds trained together at "
                 f"{trained['tokens_per_second']:,.0f} tokens/s (all seeds)",
@@ -199,37 +202,21 @@ def _summarize(setting, cfg, corpus, tasks, scores, losses, steps, heldout) -> d
     return out
 
 
-class _Unit:
-    """One model's seeds in one setting, kept in `path` once trained and scored, so that a rerun
-    of a killed or finished demo into the same folder trains only what it lacks. `inputs`
-    (config, seeds, evaluation points, prepared tasks, held-out and vocabulary files) decide
-    whether a kept result still holds: any change and the model trains again."""
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
-    def __init__(self, path: str, inputs: list):
-        self.path = path
-        digest = hashlib.sha256()
-        *settings, heldout_path, vocab_path = inputs
-        digest.update(json.dumps(_jsonable(settings), sort_keys=True, default=str).encode())
-        for name in (heldout_path, vocab_path):
-            with open(name, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
-        self.key = digest.hexdigest()
 
-    def load(self) -> dict | None:
-        try:
-            with open(self.path) as f:
-                kept = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(kept, dict) or kept.get("key") != self.key:
-            return None  # another config's, or not ours: train again
-        return kept.get("result")
-
-    def save(self, result: dict) -> None:
-        partial = f"{self.path}.partial"
-        with open(partial, "w") as f:
-            json.dump({"key": self.key, "result": result}, f, default=_plain)
-        os.replace(partial, self.path)  # a kill leaves the old file or the new, never half
+def _kept(path: str, key: str) -> dict | None:
+    """The result kept at `path` by an earlier run, if it was made from the same inputs (`key`)."""
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != key:
+        return None  # another config's, or not ours: train again
+    return kept.get("result")
 
 
 def _model_line(cfg: Config) -> str:
